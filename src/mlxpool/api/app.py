@@ -1,0 +1,88 @@
+"""create_app(settings): the Starlette app, its routes, and the pool's life inside the app's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import logging
+from collections.abc import AsyncIterator
+
+import mlx.core as mx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from mlxpool.api import admin, embeddings, models
+from mlxpool.api.disconnect import ClientDisconnected
+from mlxpool.api.errors import EXCEPTION_HANDLERS
+from mlxpool.api.limits import BodyLimit
+from mlxpool.clock import Clock
+from mlxpool.config import Settings, parse_size
+from mlxpool.engines import Loader, load_engine
+from mlxpool.pool import ModelPool
+from mlxpool.worker import Worker
+
+log = logging.getLogger(__name__)
+
+# OpenAI routes answer with and without the /v1 prefix.
+OPENAI_ROUTES = [
+    ("/embeddings", embeddings.create_embeddings, ["POST"]),
+    ("/models", models.list_models, ["GET"]),
+    ("/models/{model:path}", models.get_model, ["GET"]),
+]
+OTHER_ROUTES = [
+    ("/health", admin.health, ["GET"]),
+    ("/health/ready", admin.ready, ["GET"]),
+    ("/admin/models", admin.list_pool, ["GET"]),
+    ("/admin/models/{name:path}/load", admin.load_model, ["POST"]),
+    ("/admin/models/{name:path}/unload", admin.unload_model, ["POST"]),
+]
+
+
+def routes() -> list[BaseRoute]:
+    table: list[BaseRoute] = []
+    for path, endpoint, methods in OPENAI_ROUTES:
+        table += [Route("/v1" + path, endpoint, methods=methods), Route(path, endpoint, methods=methods)]
+    table += [Route(path, endpoint, methods=methods) for path, endpoint, methods in OTHER_ROUTES]
+    return table
+
+
+def device_memory() -> int:
+    """Bytes MLX can use on this device (worker only): Metal's recommended working set, else RAM."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)
+
+
+def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock | None = None) -> Starlette:
+    """The server app. The worker thread and the pool live as long as the app's lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        worker = Worker()
+        worker.start()
+        budget = parse_size(settings.server.memory_budget, await worker.call(device_memory))
+        pool = ModelPool(settings, worker, budget, loader=loader, clock=clock)
+        app.state.pool = pool
+        log.info("memory budget %.2f GiB; %d models configured", budget / 2**30, len(pool.entries))
+        pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+            worker.stop()
+
+    return Starlette(
+        routes=routes(),
+        middleware=[Middleware(BodyLimit, max_bytes=settings.server.max_request_size)],
+        exception_handlers={**EXCEPTION_HANDLERS, ClientDisconnected: _client_gone},
+        lifespan=lifespan,
+    )

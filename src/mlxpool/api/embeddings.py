@@ -1,0 +1,83 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from mlxpool.api.disconnect import run_until_disconnect
+from mlxpool.api.errors import parse_body_or_raise
+from mlxpool.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+from mlxpool.engines.embedding import EmbeddingEngine
+from mlxpool.errors import InvalidRequestError, UnsupportedKindError
+from mlxpool.pool import ModelPool
+
+
+async def create_embeddings(request: Request) -> Response:
+    body = await parse_body_or_raise(request, EmbeddingRequest)
+    pool: ModelPool = request.app.state.pool
+    entry = pool.resolve(body.model)
+    if entry.spec.kind != "embedding":
+        raise UnsupportedKindError(
+            f"model {entry.spec.name!r} is a {entry.spec.kind} model; /v1/embeddings needs an embedding model",
+            param="model",
+        )
+    inputs = inputs_or_raise(body.input)
+    vectors, tokens = await run_until_disconnect(request, _embed(pool, body, inputs))
+    data = [
+        EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)
+    ]
+    response = EmbeddingResponse(
+        data=data, model=entry.spec.name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
+    )
+    return JSONResponse(response.model_dump())
+
+
+async def _embed(pool: ModelPool, body: EmbeddingRequest, inputs: list[str] | list[list[int]]) -> tuple[np.ndarray, int]:
+    async with pool.acquire(body.model) as engine:
+        assert isinstance(engine, EmbeddingEngine)
+        if body.dimensions is not None and body.dimensions > engine.dimensions:
+            raise InvalidRequestError(
+                f"dimensions is {body.dimensions}, but model {engine.spec.name!r} has {engine.dimensions}",
+                param="dimensions",
+            )
+        if isinstance(inputs[0], str):
+            sequences = await asyncio.to_thread(engine.tokenize, inputs)  # type: ignore[arg-type]
+        else:
+            sequences = engine.wrap_ids(inputs)  # type: ignore[arg-type]
+        engine.check_lengths(sequences)
+        vectors = await engine.embed(sequences)
+    return truncate(vectors, body.dimensions), sum(len(s) for s in sequences)
+
+
+def inputs_or_raise(value: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+    """The request's inputs as a list of strings or a list of token-id lists; empty inputs are a 400."""
+    if isinstance(value, str):
+        value = [value]
+    if not value:
+        raise InvalidRequestError("input must not be an empty list", param="input")
+    if isinstance(value[0], int):
+        return [value]  # type: ignore[list-item]
+    for i, item in enumerate(value):
+        if len(item) == 0:
+            raise InvalidRequestError(f"input[{i}] is empty", param="input")
+    return value  # type: ignore[return-value]
+
+
+def truncate(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Keep the first `dimensions` components and renormalize (Matryoshka-style shortening)."""
+    if dimensions is None or dimensions >= vectors.shape[1]:
+        return vectors
+    short = vectors[:, :dimensions]
+    norms = np.linalg.norm(short, axis=1, keepdims=True)
+    return short / np.maximum(norms, 1e-12)
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()  # type: ignore[no-any-return]

@@ -1,0 +1,230 @@
+"""Settings: the server section and the model specs, from a TOML file plus `MLXPOOL_*` environment variables.
+
+The file contract is documented field by field in docs/configuration.md; the docstrings below are the source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlxpool.errors import ConfigError
+
+Kind = Literal["chat", "vision", "ocr", "embedding", "asr", "tts"]
+KINDS: tuple[Kind, ...] = ("chat", "vision", "ocr", "embedding", "asr", "tts")
+
+# OpenAI's model names, answered by the default model of their kind.
+OPENAI_ALIASES: dict[Kind, tuple[str, ...]] = {
+    "chat": ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4", "gpt-3.5-turbo"),
+    "vision": (),
+    "ocr": (),
+    "embedding": ("text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002"),
+    "asr": ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"),
+    "tts": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
+}
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?$", re.IGNORECASE)
+
+
+def parse_size(text: str | int, total: int | None = None) -> int:
+    """Bytes from `12GB`, `512MiB`, `1.5g`, a plain number of bytes, or `75%` of `total`."""
+    if isinstance(text, int):
+        return text
+    text = text.strip()
+    if text.endswith("%"):
+        if total is None:
+            raise ValueError(f"{text!r}: a percentage needs a known total")
+        return int(total * float(text[:-1]) / 100)
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 12GB, 512MiB, 75%)")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_kmgt".find(prefix.lower() or "_"))
+
+
+def _check_size(value: str | int) -> str | int:
+    parse_size(value, total=1)
+    return value
+
+
+class ServerSettings(BaseModel):
+    """The `[server]` table. Every field can be overridden by `MLXPOOL_<FIELD>` (e.g. `MLXPOOL_PORTS=9000,9001`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    """Address to bind. 127.0.0.1 keeps the server private to this machine."""
+    ports: list[int] = Field(default_factory=lambda: [8787, 8788], min_length=1)
+    """TCP ports; one uvicorn server listens on all of them and every route answers on each."""
+    memory_budget: str | int = "75%"
+    """Bytes the pool may hold: `75%` of the memory MLX can use on this device, or a size (`12GB`)."""
+    load_timeout: float = Field(default=300.0, gt=0)
+    """Seconds a request waits for its model to download/load or for memory to free, then 503."""
+    failure_cooldown: float = Field(default=5.0, ge=0)
+    """Seconds before a failed model is tried again; doubles after each further failure."""
+    failure_cooldown_max: float = Field(default=300.0, ge=0)
+    """Upper bound of the growing failure cooldown, in seconds."""
+    max_request_bytes: str | int = "100MB"
+    """Largest request body accepted; larger ones get 413."""
+    cache_dir: str = "~/.cache/mlxpool"
+    """Where the demo profile writes its generated models."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _sizes = field_validator("memory_budget", "max_request_bytes")(_check_size)
+
+    @property
+    def max_request_size(self) -> int:
+        return parse_size(self.max_request_bytes)
+
+
+class ModelSpec(BaseModel):
+    """One `[models.NAME]` table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Kind
+    repo: str | None = None
+    """Hugging Face repo id (`org/name`), fetched through huggingface_hub's cache."""
+    path: str | None = None
+    """A local model directory, used in place; relative paths are relative to the config file."""
+    revision: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    preload: bool = False
+    """Load at start-up, in the background; `/health/ready` waits for these."""
+    ttl: float = -1
+    """Seconds idle before unload: -1 never, 0 as soon as the last request ends."""
+    pinned: bool = False
+    """Never evicted to make room for another model (TTL unload still applies)."""
+    default: bool = False
+    """The default model of its kind: OpenAI's names for that kind (`whisper-1`...) resolve to it."""
+    memory_reserve: str | int | None = None
+    """Bytes added to the weight files' size when estimating this model's memory; a per-kind default if unset."""
+    max_batch_size: int = Field(default=32, ge=1)
+    """Embedding: most sequences in one forward pass."""
+    max_batch_tokens: int = Field(default=8192, ge=1)
+    """Embedding: most padded tokens in one forward pass."""
+    max_input_tokens: int | None = Field(default=None, ge=1)
+    """Embedding: longest input in tokens; the model's own limit if unset."""
+
+    _reserve = field_validator("memory_reserve")(lambda v: v if v is None else _check_size(v))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.repo is None) == (self.path is None):
+            raise ValueError("give exactly one of `repo` or `path`")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self.path if self.path is not None else str(self.repo)
+
+
+class Settings(BaseModel):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    source: str = "<defaults>"
+    """The file these settings came from, for messages."""
+
+    def defaults(self) -> dict[Kind, ModelSpec]:
+        """The default model of each kind: the one marked `default`, else the first of that kind."""
+        chosen = {spec.kind: spec for spec in self.models.values() if spec.default}
+        for spec in self.models.values():
+            chosen.setdefault(spec.kind, spec)
+        return chosen
+
+
+def shipped_config_path() -> Path:
+    """The packaged default `models.toml`, or the repo's `config/models.toml` when running from source."""
+    packaged = resources.files("mlxpool") / "models.toml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "config" / "models.toml"
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (else `$MLXPOOL_CONFIG`, else the shipped default), apply `MLXPOOL_*` overrides, validate."""
+    env = os.environ if env is None else env
+    file = Path(path or env.get("MLXPOOL_CONFIG") or shipped_config_path())
+    try:
+        data = tomllib.loads(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+    return settings_from_dict(data, file, env)
+
+
+def settings_from_dict(data: dict[str, Any], file: Path, env: Mapping[str, str]) -> Settings:
+    unknown = set(data) - {"server", "models"}
+    if unknown:
+        raise ConfigError(f"{file}: unknown table(s) {sorted(unknown)}; expected [server] and [models.NAME]")
+    server = _server_with_env(data.get("server", {}), env)
+    try:
+        settings = Settings(
+            server=ServerSettings.model_validate(server),
+            models={name: _spec(name, table, file) for name, table in data.get("models", {}).items()},
+            source=str(file),
+        )
+    except ValidationError as exc:
+        raise ConfigError(_describe(file, exc, "server")) from None
+    _check_names(settings)
+    return settings
+
+
+def _spec(name: str, table: Any, file: Path) -> ModelSpec:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: models.{name}: expected a table [models.{name}]")
+    try:
+        spec = ModelSpec.model_validate({**table, "name": name})
+    except ValidationError as exc:
+        raise ConfigError(_describe(file, exc, f"models.{name}")) from None
+    if spec.path is not None and not Path(spec.path).expanduser().is_absolute():
+        spec.path = str((file.parent / spec.path).resolve())
+    return spec
+
+
+def _server_with_env(server: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    merged = dict(server)
+    for field, info in ServerSettings.model_fields.items():
+        value = env.get(f"MLXPOOL_{field.upper()}")
+        if value is not None:
+            is_list = getattr(info.annotation, "__origin__", None) is list or "list" in str(info.annotation)
+            merged[field] = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
+    return merged
+
+
+def _describe(file: Path, exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        field = f"{where}.{loc}" if loc else where
+        lines.append(f"{file}: {field}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _check_names(settings: Settings) -> None:
+    owner: dict[str, str] = {}
+    for spec in settings.models.values():
+        for name in (spec.name, *spec.aliases):
+            if name in owner and owner[name] != spec.name:
+                raise ConfigError(
+                    f"{settings.source}: models.{spec.name}.aliases: {name!r} is already used by "
+                    f"models.{owner[name]}"
+                )
+            owner[name] = spec.name
+    for kind in KINDS:
+        marked = [s.name for s in settings.models.values() if s.kind == kind and s.default]
+        if len(marked) > 1:
+            raise ConfigError(
+                f"{settings.source}: models.{marked[1]}.default: {kind} already has a default "
+                f"(models.{marked[0]})"
+            )

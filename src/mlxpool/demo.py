@@ -1,0 +1,133 @@
+"""Tiny random-weight models of every supported kind, built offline in about a second.
+
+`mlxpool serve --demo` serves them; the tests use the same builders as fixtures. The weights are random, so
+outputs are meaningless: the demo shows routes, formats and the pool's behaviour, not model quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CORPUS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A monkey is playing drums.",
+    "Embeddings place texts with similar meaning close together.",
+    "0123456789 , . ; : ! ? ' \" ( ) - _ / @ # $ % & * + = < > [ ] { }",
+]
+
+
+def build_tiny_bert(out: Path) -> Path:
+    """A 2-layer BERT with a WordPiece tokenizer (all-MiniLM layout, mean pooling)."""
+    from mlx_embeddings.models import bert
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    out.mkdir(parents=True, exist_ok=True)
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for line in CORPUS for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(line))})
+    letters = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *("##" + c for c in letters)]
+    vocab += [w for w in words if w not in vocab]
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre, decoders.WordPiece()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 128,
+        "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+        "mask_token": "[MASK]",
+    })
+    config = {
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": len(vocab), "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+        "pad_token_id": 0,
+    }
+    _seed()
+    _save(bert.Model(bert.ModelArgs.from_dict(config)), out, config)
+    return out
+
+
+def build_tiny_qwen3_embedding(out: Path) -> Path:
+    """A 2-layer Qwen3 with a byte-level BPE tokenizer (Qwen3-Embedding layout, last-token pooling)."""
+    from mlx_embeddings.models import qwen3
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.save(str(out / "tokenizer.json"))
+    # Right padding: mlx-embeddings returns NaN rows for left-padded Qwen3 batches.
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "padding_side": "right", "model_max_length": 128,
+    })
+    config = {
+        "architectures": ["Qwen3Model"], "model_type": "qwen3", "vocab_size": tokenizer.get_vocab_size(),
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    }
+    _seed()
+    _save(qwen3.Model(qwen3.ModelArgs.from_dict(config)), out, config)
+    return out
+
+
+# name -> (kind, builder); later kinds add their builders here.
+DEMO_MODELS = {
+    "demo-embedding": ("embedding", build_tiny_qwen3_embedding),
+    "demo-bert": ("embedding", build_tiny_bert),
+}
+
+
+def build_demo(root: Path) -> dict[str, Path]:
+    """Build (or reuse) every demo model under `root`; returns name -> directory."""
+    built = {}
+    for name, (_, build) in DEMO_MODELS.items():
+        path = root / name
+        built[name] = path if (path / "model.safetensors").exists() else build(path)
+    return built
+
+
+def demo_config(root: Path) -> dict[str, Any]:
+    """A config dict (the TOML's shape) serving the demo models, each the default of its kind."""
+    paths = build_demo(root)
+    models: dict[str, Any] = {}
+    for name, (kind, _) in DEMO_MODELS.items():
+        first = all(k != kind for k, _ in (DEMO_MODELS[m] for m in models))
+        models[name] = {"kind": kind, "path": str(paths[name]), "default": first, "memory_reserve": "16MB",
+                        "preload": first, "aliases": [kind] if first else []}
+    return {"models": models}
+
+
+def _seed() -> None:
+    """The same random weights on every build."""
+    import mlx.core as mx
+
+    mx.random.seed(0)
+
+
+def _save(model: Any, out: Path, config: dict[str, Any]) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    _write_json(out / "config.json", config)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2))

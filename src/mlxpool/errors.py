@@ -1,0 +1,66 @@
+"""The one exception hierarchy. Each subclass carries its HTTP status and OpenAI error type and code;
+`api/errors.py` turns them into response bodies."""
+
+from __future__ import annotations
+
+
+class MlxpoolError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class InvalidRequestError(MlxpoolError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(MlxpoolError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class UnsupportedKindError(InvalidRequestError):
+    """The model exists but cannot serve this route (an ASR model asked for embeddings)."""
+
+    code = "model_not_supported"
+
+
+class RequestTooLargeError(MlxpoolError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ServiceUnavailableError(MlxpoolError):
+    """Memory or a model cannot be had in time; the client should retry after `retry_after` seconds."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 5.0, param: str | None = None):
+        super().__init__(message, param=param, retry_after=retry_after)
+
+
+class ModelLoadError(ServiceUnavailableError):
+    code = "model_load_failed"
+
+
+class MemoryBudgetError(ServiceUnavailableError):
+    code = "memory_budget_exceeded"
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file, model and field."""

@@ -1,0 +1,303 @@
+"""The model pool: names, leases, single-flight loads, the memory budget, idle timers.
+
+Everything here runs on the event loop; only the pool changes a model's state. MLX work (loading, freeing)
+goes to the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from mlxpool.clock import Clock, LoopClock
+from mlxpool.config import OPENAI_ALIASES, ServerSettings, Settings
+from mlxpool.engines import Engine, Loader, load_engine
+from mlxpool.errors import MemoryBudgetError, MlxpoolError, ModelLoadError, ModelNotFoundError, ServiceUnavailableError
+from mlxpool.pool import sources
+from mlxpool.pool.eviction import Resident, choose_victims
+from mlxpool.pool.state import ModelEntry, ModelState
+from mlxpool.worker import Worker, release_memory
+
+log = logging.getLogger(__name__)
+GiB = 2**30
+
+
+class ModelPool:
+    def __init__(
+        self,
+        settings: Settings,
+        worker: Worker,
+        budget: int,
+        *,
+        loader: Loader = load_engine,
+        clock: Clock | None = None,
+    ):
+        self.server: ServerSettings = settings.server
+        self.worker = worker
+        self.budget = budget
+        self.loader = loader
+        self.clock = clock or LoopClock()
+        self.entries = {name: ModelEntry(spec) for name, spec in settings.models.items()}
+        self._names = _name_table(settings)
+        self._changed = asyncio.Event()
+        self._preloads: list[asyncio.Task[None]] = []
+
+    # --- names ---------------------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> ModelEntry:
+        """The entry for a model name, alias, repo id or OpenAI name, or a 404 error."""
+        key = self._names.get(name)
+        if key is None:
+            raise ModelNotFoundError(
+                f"The model {name!r} does not exist on this server; GET /v1/models lists the available models.",
+                param="model",
+            )
+        return self.entries[key]
+
+    # --- leases --------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, name: str) -> AsyncIterator[Engine]:
+        """Lease a model, loading it first if needed. A leased model is never evicted or unloaded."""
+        entry = self.resolve(name)
+        engine = await self._ready(entry)
+        entry.leases += 1
+        self._cancel_timer(entry)
+        try:
+            yield engine
+        finally:
+            entry.leases -= 1
+            entry.last_used = self.clock.now()
+            if entry.leases == 0:
+                self._on_idle(entry)
+                self._notify()
+
+    async def load(self, name: str) -> ModelEntry:
+        """Load a model without leasing it (admin API, preload); its idle timer starts at once."""
+        entry = self.resolve(name)
+        await self._ready(entry)
+        return entry
+
+    async def unload(self, name: str) -> ModelEntry:
+        """Unload a model once its current requests finish."""
+        entry = self.resolve(name)
+        async with asyncio.timeout(self.server.load_timeout):
+            while entry.state is not ModelState.ABSENT and entry.state is not ModelState.FAILED:
+                if entry.transition is not None:
+                    await asyncio.shield(entry.transition)
+                elif entry.leases > 0:
+                    await self._wait_change()
+                else:
+                    await asyncio.shield(self._start_unload(entry))
+        return entry
+
+    # --- start and stop ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin loading the `preload` models in the background."""
+        for entry in self.entries.values():
+            if entry.spec.preload:
+                self._preloads.append(asyncio.create_task(self._preload(entry)))
+
+    @property
+    def ready(self) -> bool:
+        """True once every preload model is loaded."""
+        return all(e.state is ModelState.READY for e in self.entries.values() if e.spec.preload)
+
+    async def close(self) -> None:
+        for task in self._preloads:
+            task.cancel()
+        for entry in self.entries.values():
+            self._cancel_timer(entry)
+        transitions = [e.transition for e in self.entries.values() if e.transition is not None]
+        await asyncio.gather(*transitions, *self._preloads, return_exceptions=True)
+
+    # --- memory --------------------------------------------------------------------------------------------
+
+    def used(self) -> int:
+        """Bytes counted against the budget: loaded models, and reservations of models loading."""
+        return sum(entry.footprint for entry in self.entries.values())
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    async def _ready(self, entry: ModelEntry) -> Engine:
+        try:
+            async with asyncio.timeout(self.server.load_timeout):
+                return await self._ready_unbounded(entry)
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                f"model {entry.spec.name!r} is not ready after {self.server.load_timeout:g} s "
+                f"(state: {entry.state}); try again shortly",
+                retry_after=10,
+            ) from None
+
+    async def _ready_unbounded(self, entry: ModelEntry) -> Engine:
+        while True:
+            if entry.state is ModelState.READY and entry.engine is not None:
+                return entry.engine
+            if entry.transition is None:
+                wait = entry.retry_at - self.clock.now()
+                if entry.state is ModelState.FAILED and wait > 0:
+                    raise ModelLoadError(
+                        f"model {entry.spec.name!r} failed to load: {entry.error}; retrying in {wait:.0f} s",
+                        retry_after=wait,
+                    )
+                entry.transition = asyncio.create_task(self._load(entry))
+            transition = entry.transition
+            error = await asyncio.shield(transition)
+            if error is not None and entry.state is not ModelState.READY:
+                raise error
+
+    async def _load(self, entry: ModelEntry) -> MlxpoolError | None:
+        spec = entry.spec
+        try:
+            path = await self._local_dir(entry)
+            entry.estimate = sources.estimate_bytes(spec, path)
+            await self._reserve(entry)
+            log.info("loading %s (estimate %.2f GiB)", spec.name, entry.estimate / GiB)
+            started = self.clock.now()
+            engine, allocated = await self.worker.run(self.loader(spec, path, self.worker))
+        except MemoryBudgetError as exc:
+            entry.state = ModelState.ABSENT
+            return exc
+        except Exception as exc:
+            return await self._fail(entry, exc)
+        finally:
+            entry.transition = None
+            self._notify()
+        entry.engine, entry.measured, entry.state = engine, allocated, ModelState.READY
+        entry.failures, entry.error, entry.last_used = 0, None, self.clock.now()
+        self.worker.add_engine(engine)
+        log.info("loaded %s in %.1f s, %.2f GiB", spec.name, self.clock.now() - started, allocated / GiB)
+        self._on_idle(entry)
+        return None
+
+    async def _local_dir(self, entry: ModelEntry) -> Path:
+        path = await asyncio.to_thread(sources.cached_dir, entry.spec)
+        if path is None:
+            entry.state = ModelState.DOWNLOADING
+            log.info("downloading %s from %s", entry.spec.name, entry.spec.repo)
+            path = await asyncio.to_thread(sources.download, entry.spec)
+        return path
+
+    async def _reserve(self, entry: ModelEntry) -> None:
+        """Make room for `entry.estimate` bytes, evicting idle models LRU, then count them as LOADING."""
+        need = entry.estimate
+        if need > self.budget:
+            raise MemoryBudgetError(
+                f"model {entry.spec.name!r} needs about {need / GiB:.2f} GiB, more than the whole memory "
+                f"budget ({self.budget / GiB:.2f} GiB); raise server.memory_budget",
+                retry_after=60,
+            )
+        try:
+            async with asyncio.timeout(self.server.load_timeout):
+                while (short := need - (self.budget - self.used())) > 0:
+                    victims = choose_victims(self._residents(), short)
+                    if victims is None:
+                        await self._wait_change()
+                        continue
+                    log.info("evicting %s to make room for %s", ", ".join(victims), entry.spec.name)
+                    await asyncio.gather(*(self._start_unload(self.entries[v]) for v in victims))
+        except TimeoutError:
+            raise MemoryBudgetError(
+                f"no memory for model {entry.spec.name!r} within {self.server.load_timeout:g} s: the models in "
+                f"use hold {self.used() / GiB:.2f} of {self.budget / GiB:.2f} GiB",
+                retry_after=10,
+            ) from None
+        entry.state = ModelState.LOADING
+
+    def _residents(self) -> list[Resident]:
+        return [Resident(e.spec.name, e.footprint, e.last_used, e.evictable) for e in self.entries.values()]
+
+    async def _fail(self, entry: ModelEntry, exc: Exception) -> MlxpoolError:
+        entry.state = ModelState.FAILED
+        entry.failures += 1
+        cooldown = min(
+            self.server.failure_cooldown * 2 ** (entry.failures - 1), self.server.failure_cooldown_max
+        )
+        entry.retry_at = self.clock.now() + cooldown
+        entry.error = str(exc) or type(exc).__name__
+        log.error("model %s failed to load (attempt %d): %s", entry.spec.name, entry.failures, entry.error)
+        await self.worker.call(release_memory)
+        if isinstance(exc, MlxpoolError) and not isinstance(exc, ServiceUnavailableError):
+            exc.retry_after = cooldown
+            return exc
+        return ModelLoadError(f"model {entry.spec.name!r} failed to load: {entry.error}", retry_after=cooldown)
+
+    def _start_unload(self, entry: ModelEntry) -> asyncio.Task[MlxpoolError | None]:
+        self._cancel_timer(entry)
+        entry.state = ModelState.UNLOADING
+        entry.transition = asyncio.create_task(self._unload(entry))
+        return entry.transition
+
+    async def _unload(self, entry: ModelEntry) -> MlxpoolError | None:
+        engine, entry.engine = entry.engine, None
+        try:
+            if engine is not None:
+                self.worker.remove_engine(engine)
+                await self.worker.call(lambda: _close(engine))
+                del engine
+            active = await self.worker.call(release_memory)
+            log.info("unloaded %s; MLX active memory now %.2f GiB", entry.spec.name, active / GiB)
+        finally:
+            entry.state = ModelState.ABSENT
+            entry.transition = None
+            self._notify()
+        return None
+
+    def _on_idle(self, entry: ModelEntry) -> None:
+        """Start the idle countdown of a model nobody is using."""
+        ttl = entry.spec.ttl
+        if ttl < 0 or entry.leases or entry.state is not ModelState.READY or entry.transition is not None:
+            return
+        if ttl == 0:
+            self._start_unload(entry)
+            return
+        self._cancel_timer(entry)
+        entry.timer = self.clock.call_later(ttl, lambda: self._expire(entry))
+
+    def _expire(self, entry: ModelEntry) -> None:
+        entry.timer = None
+        if entry.leases == 0 and entry.state is ModelState.READY and entry.transition is None:
+            log.info("unloading %s after %g s idle", entry.spec.name, entry.spec.ttl)
+            self._start_unload(entry)
+
+    def _cancel_timer(self, entry: ModelEntry) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+
+    async def _preload(self, entry: ModelEntry) -> None:
+        try:
+            await self._ready(entry)
+        except MlxpoolError as exc:
+            log.error("preload of %s failed: %s", entry.spec.name, exc.message)
+
+    async def _wait_change(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        """Wake everything waiting for a lease to end or a transition to finish."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+def _close(engine: Engine) -> None:
+    engine.close()
+
+
+def _name_table(settings: Settings) -> dict[str, str]:
+    """Every name a request may use → model name. Explicit names and aliases win over OpenAI's names."""
+    names: dict[str, str] = {}
+    for kind, spec in settings.defaults().items():
+        for openai_name in OPENAI_ALIASES[kind]:
+            names[openai_name] = spec.name
+    for spec in settings.models.values():
+        if spec.repo is not None:
+            names.setdefault(spec.repo, spec.name)
+        names.update({alias: spec.name for alias in spec.aliases})
+        names[spec.name] = spec.name
+    return names
