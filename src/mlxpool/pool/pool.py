@@ -292,7 +292,10 @@ def _close(engine: Engine) -> None:
 def _name_table(settings: Settings) -> dict[str, str]:
     """Every name a request may use → model name. Explicit names and aliases win over OpenAI's names."""
     names: dict[str, str] = {}
-    for kind, spec in settings.defaults().items():
+    defaults = settings.defaults()
+    if "chat" not in defaults and "vision" in defaults:
+        defaults["chat"] = defaults["vision"]  # a vision-language model answers text chat too
+    for kind, spec in defaults.items():
         for openai_name in OPENAI_ALIASES[kind]:
             names[openai_name] = spec.name
     for spec in settings.models.values():
