@@ -31,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mlxpool", description="Local OpenAI-compatible server over a pool of MLX models.")
+    top = argparse.ArgumentParser(
+        prog="mlxpool", description="Local OpenAI-compatible server over a pool of MLX models."
+    )
     commands = top.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server")

@@ -50,6 +50,16 @@ def parse_size(text: str | int, total: int | None = None) -> int:
     return int(float(number) * base ** "_kmgt".find(prefix.lower() or "_"))
 
 
+def human_bytes(n: int | None) -> str:
+    """`1.23 GiB`, `45.6 MiB`: sizes for people."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _check_size(value: str | int) -> str | int:
     parse_size(value, total=1)
     return value
@@ -217,14 +227,12 @@ def _check_names(settings: Settings) -> None:
         for name in (spec.name, *spec.aliases):
             if name in owner and owner[name] != spec.name:
                 raise ConfigError(
-                    f"{settings.source}: models.{spec.name}.aliases: {name!r} is already used by "
-                    f"models.{owner[name]}"
+                    f"{settings.source}: models.{spec.name}.aliases: {name!r} is already used by models.{owner[name]}"
                 )
             owner[name] = spec.name
     for kind in KINDS:
         marked = [s.name for s in settings.models.values() if s.kind == kind and s.default]
         if len(marked) > 1:
             raise ConfigError(
-                f"{settings.source}: models.{marked[1]}.default: {kind} already has a default "
-                f"(models.{marked[0]})"
+                f"{settings.source}: models.{marked[1]}.default: {kind} already has a default (models.{marked[0]})"
             )

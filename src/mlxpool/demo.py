@@ -35,19 +35,37 @@ def build_tiny_bert(out: Path) -> Path:
     tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre, decoders.WordPiece()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 128,
-        "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-        "mask_token": "[MASK]",
-    })
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": True,
+            "model_max_length": 128,
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        },
+    )
     config = {
-        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": len(vocab), "hidden_size": 32,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-        "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
         "pad_token_id": 0,
     }
     _seed()
@@ -65,21 +83,38 @@ def build_tiny_qwen3_embedding(out: Path) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
     tokenizer.save(str(out / "tokenizer.json"))
     # Right padding: mlx-embeddings returns NaN rows for left-padded Qwen3 batches.
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "padding_side": "right", "model_max_length": 128,
-    })
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "padding_side": "right",
+            "model_max_length": 128,
+        },
+    )
     config = {
-        "architectures": ["Qwen3Model"], "model_type": "qwen3", "vocab_size": tokenizer.get_vocab_size(),
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "tie_word_embeddings": True,
+        "architectures": ["Qwen3Model"],
+        "model_type": "qwen3",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
     }
     _seed()
     _save(qwen3.Model(qwen3.ModelArgs.from_dict(config)), out, config)
@@ -108,8 +143,14 @@ def demo_config(root: Path) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for name, (kind, _) in DEMO_MODELS.items():
         first = all(k != kind for k, _ in (DEMO_MODELS[m] for m in models))
-        models[name] = {"kind": kind, "path": str(paths[name]), "default": first, "memory_reserve": "16MB",
-                        "preload": first, "aliases": [kind] if first else []}
+        models[name] = {
+            "kind": kind,
+            "path": str(paths[name]),
+            "default": first,
+            "memory_reserve": "16MB",
+            "preload": first,
+            "aliases": [kind] if first else [],
+        }
     return {"models": models}
 
 

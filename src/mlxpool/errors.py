@@ -59,7 +59,15 @@ class ModelLoadError(ServiceUnavailableError):
 
 
 class MemoryBudgetError(ServiceUnavailableError):
+    """Memory could not be freed in time; a later try may succeed."""
+
     code = "memory_budget_exceeded"
+
+
+class ModelTooLargeError(ServiceUnavailableError):
+    """The model's estimate exceeds the whole budget: it cannot load until the budget is raised."""
+
+    code = "model_too_large"
 
 
 class ConfigError(Exception):

@@ -141,8 +141,14 @@ class Worker:
             self.active_memory = mx.get_active_memory()
 
 
-def release_memory() -> int:
-    """Collect dropped arrays and return MLX's cache to the system (worker only); returns active bytes."""
-    gc.collect()
+def release_memory(target: int = 0) -> int:
+    """Return MLX's cache to the system (worker only); returns the active bytes left.
+
+    Refcounting frees most arrays at once; the slow full garbage collection runs only when that did not bring
+    active memory down to `target` (arrays kept alive by reference cycles).
+    """
     mx.clear_cache()
+    if mx.get_active_memory() > target:
+        gc.collect()
+        mx.clear_cache()
     return int(mx.get_active_memory())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import mlx.core as mx
@@ -69,6 +70,7 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         worker = Worker()
         worker.start()
+        gc.freeze()  # start-up objects live forever: keep them out of every later full collection
         budget = parse_size(settings.server.memory_budget, await worker.call(device_memory))
         pool = ModelPool(settings, worker, budget, loader=loader, clock=clock)
         app.state.pool = pool

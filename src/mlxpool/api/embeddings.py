@@ -28,16 +28,16 @@ async def create_embeddings(request: Request) -> Response:
         )
     inputs = inputs_or_raise(body.input)
     vectors, tokens = await run_until_disconnect(request, _embed(pool, body, inputs))
-    data = [
-        EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)
-    ]
+    data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
     response = EmbeddingResponse(
         data=data, model=entry.spec.name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
     )
     return JSONResponse(response.model_dump())
 
 
-async def _embed(pool: ModelPool, body: EmbeddingRequest, inputs: list[str] | list[list[int]]) -> tuple[np.ndarray, int]:
+async def _embed(
+    pool: ModelPool, body: EmbeddingRequest, inputs: list[str] | list[list[int]]
+) -> tuple[np.ndarray, int]:
     async with pool.acquire(body.model) as engine:
         assert isinstance(engine, EmbeddingEngine)
         if body.dimensions is not None and body.dimensions > engine.dimensions:

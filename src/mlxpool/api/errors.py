@@ -16,7 +16,10 @@ from mlxpool.errors import InvalidRequestError, MlxpoolError
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
-_HTTP_TYPES = {404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
+_HTTP_TYPES = {
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+}
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -45,7 +48,11 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body("The server had an internal error.", "server_error"), 500)
 
 
-EXCEPTION_HANDLERS = {MlxpoolError: on_mlxpool_error, HTTPException: on_http_exception, Exception: on_unexpected}
+EXCEPTION_HANDLERS = {
+    MlxpoolError: on_mlxpool_error,
+    HTTPException: on_http_exception,
+    Exception: on_unexpected,
+}
 
 
 async def parse_body_or_raise(request: Request, schema: type[M]) -> M:

@@ -12,17 +12,25 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import mlx.core as mx
+
 from mlxpool.clock import Clock, LoopClock
-from mlxpool.config import OPENAI_ALIASES, ServerSettings, Settings
+from mlxpool.config import OPENAI_ALIASES, ServerSettings, Settings, human_bytes
 from mlxpool.engines import Engine, Loader, load_engine
-from mlxpool.errors import MemoryBudgetError, MlxpoolError, ModelLoadError, ModelNotFoundError, ServiceUnavailableError
+from mlxpool.errors import (
+    MemoryBudgetError,
+    MlxpoolError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    ServiceUnavailableError,
+)
 from mlxpool.pool import sources
 from mlxpool.pool.eviction import Resident, choose_victims
 from mlxpool.pool.state import ModelEntry, ModelState
 from mlxpool.worker import Worker, release_memory
 
 log = logging.getLogger(__name__)
-GiB = 2**30
 
 
 class ModelPool:
@@ -128,11 +136,20 @@ class ModelPool:
             async with asyncio.timeout(self.server.load_timeout):
                 return await self._ready_unbounded(entry)
         except TimeoutError:
-            raise ServiceUnavailableError(
-                f"model {entry.spec.name!r} is not ready after {self.server.load_timeout:g} s "
-                f"(state: {entry.state}); try again shortly",
+            raise self._timeout_error(entry) from None
+
+    def _timeout_error(self, entry: ModelEntry) -> ServiceUnavailableError:
+        waited = f"{self.server.load_timeout:g} s"
+        if entry.transition is not None and entry.state is ModelState.ABSENT:
+            return MemoryBudgetError(
+                f"no memory for model {entry.spec.name!r} within {waited}: the models in use hold "
+                f"{human_bytes(self.used())} of {human_bytes(self.budget)}",
                 retry_after=10,
-            ) from None
+            )
+        return ServiceUnavailableError(
+            f"model {entry.spec.name!r} is not ready after {waited} (state: {entry.state}); try again shortly",
+            retry_after=10,
+        )
 
     async def _ready_unbounded(self, entry: ModelEntry) -> Engine:
         while True:
@@ -148,6 +165,8 @@ class ModelPool:
                 entry.transition = asyncio.create_task(self._load(entry))
             transition = entry.transition
             error = await asyncio.shield(transition)
+            if isinstance(error, MemoryBudgetError):
+                continue  # the load gave up waiting for memory; this request still has time to try again
             if error is not None and entry.state is not ModelState.READY:
                 raise error
 
@@ -157,10 +176,10 @@ class ModelPool:
             path = await self._local_dir(entry)
             entry.estimate = sources.estimate_bytes(spec, path)
             await self._reserve(entry)
-            log.info("loading %s (estimate %.2f GiB)", spec.name, entry.estimate / GiB)
+            log.info("loading %s (estimate %s)", spec.name, human_bytes(entry.estimate))
             started = self.clock.now()
             engine, allocated = await self.worker.run(self.loader(spec, path, self.worker))
-        except MemoryBudgetError as exc:
+        except (MemoryBudgetError, ModelTooLargeError) as exc:
             entry.state = ModelState.ABSENT
             return exc
         except Exception as exc:
@@ -171,8 +190,9 @@ class ModelPool:
         entry.engine, entry.measured, entry.state = engine, allocated, ModelState.READY
         entry.failures, entry.error, entry.last_used = 0, None, self.clock.now()
         self.worker.add_engine(engine)
-        log.info("loaded %s in %.1f s, %.2f GiB", spec.name, self.clock.now() - started, allocated / GiB)
-        self._on_idle(entry)
+        log.info("loaded %s in %.1f s, %s", spec.name, self.clock.now() - started, human_bytes(allocated))
+        if spec.ttl > 0:  # ttl 0 waits for the first request to end; unloading now would starve its waiters
+            self._on_idle(entry)
         return None
 
     async def _local_dir(self, entry: ModelEntry) -> Path:
@@ -187,9 +207,9 @@ class ModelPool:
         """Make room for `entry.estimate` bytes, evicting idle models LRU, then count them as LOADING."""
         need = entry.estimate
         if need > self.budget:
-            raise MemoryBudgetError(
-                f"model {entry.spec.name!r} needs about {need / GiB:.2f} GiB, more than the whole memory "
-                f"budget ({self.budget / GiB:.2f} GiB); raise server.memory_budget",
+            raise ModelTooLargeError(
+                f"model {entry.spec.name!r} needs about {human_bytes(need)}, more than the whole memory "
+                f"budget ({human_bytes(self.budget)}); raise server.memory_budget",
                 retry_after=60,
             )
         try:
@@ -202,11 +222,7 @@ class ModelPool:
                     log.info("evicting %s to make room for %s", ", ".join(victims), entry.spec.name)
                     await asyncio.gather(*(self._start_unload(self.entries[v]) for v in victims))
         except TimeoutError:
-            raise MemoryBudgetError(
-                f"no memory for model {entry.spec.name!r} within {self.server.load_timeout:g} s: the models in "
-                f"use hold {self.used() / GiB:.2f} of {self.budget / GiB:.2f} GiB",
-                retry_after=10,
-            ) from None
+            raise self._timeout_error(entry) from None
         entry.state = ModelState.LOADING
 
     def _residents(self) -> list[Resident]:
@@ -215,9 +231,7 @@ class ModelPool:
     async def _fail(self, entry: ModelEntry, exc: Exception) -> MlxpoolError:
         entry.state = ModelState.FAILED
         entry.failures += 1
-        cooldown = min(
-            self.server.failure_cooldown * 2 ** (entry.failures - 1), self.server.failure_cooldown_max
-        )
+        cooldown = min(self.server.failure_cooldown * 2 ** (entry.failures - 1), self.server.failure_cooldown_max)
         entry.retry_at = self.clock.now() + cooldown
         entry.error = str(exc) or type(exc).__name__
         log.error("model %s failed to load (attempt %d): %s", entry.spec.name, entry.failures, entry.error)
@@ -238,10 +252,8 @@ class ModelPool:
         try:
             if engine is not None:
                 self.worker.remove_engine(engine)
-                await self.worker.call(lambda: _close(engine))
-                del engine
-            active = await self.worker.call(release_memory)
-            log.info("unloaded %s; MLX active memory now %.2f GiB", entry.spec.name, active / GiB)
+                active = await self.worker.call(lambda: _free(engine, entry.measured or 0))
+                log.info("unloaded %s; MLX active memory now %s", entry.spec.name, human_bytes(active))
         finally:
             entry.state = ModelState.ABSENT
             entry.transition = None
@@ -285,8 +297,11 @@ class ModelPool:
         self._changed = asyncio.Event()
 
 
-def _close(engine: Engine) -> None:
+def _free(engine: Engine, size: int) -> int:
+    """Close an engine and release its memory (worker only)."""
+    before = mx.get_active_memory()
     engine.close()
+    return release_memory(target=before - size)
 
 
 def _name_table(settings: Settings) -> dict[str, str]:

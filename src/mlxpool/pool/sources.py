@@ -32,9 +32,7 @@ def cached_dir(spec: ModelSpec) -> Path | None:
         return path
     try:
         return Path(
-            snapshot_download(
-                str(spec.repo), revision=spec.revision, allow_patterns=MODEL_FILES, local_files_only=True
-            )
+            snapshot_download(str(spec.repo), revision=spec.revision, allow_patterns=MODEL_FILES, local_files_only=True)
         )
     except LocalEntryNotFoundError:
         return None

@@ -53,9 +53,4 @@ class ModelEntry:
 
     @property
     def evictable(self) -> bool:
-        return (
-            self.state is ModelState.READY
-            and self.leases == 0
-            and self.transition is None
-            and not self.spec.pinned
-        )
+        return self.state is ModelState.READY and self.leases == 0 and self.transition is None and not self.spec.pinned
