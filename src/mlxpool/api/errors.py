@@ -65,6 +65,6 @@ async def parse_body_or_raise(request: Request, schema: type[M]) -> M:
         return schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        raise InvalidRequestError(f"Invalid request: {message}", param=param) from None
+        param = str(first["loc"][0]) if first["loc"] else None
+        where = f"'{param}'" if param else "the request body"
+        raise InvalidRequestError(f"Invalid value for {where}: {first['msg']}", param=param) from None

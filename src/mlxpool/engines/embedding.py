@@ -48,6 +48,7 @@ class EmbeddingEngine:
         self.vocab_size = int(config["vocab_size"])
         self.max_tokens = spec.max_input_tokens or _context_limit(config, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id or 0)
+        self.prefix, self.suffix = special_frame(tokenizer)
         self._queue: deque[tuple[EmbedRequest, int]] = deque()
         self.batches = 0
 
@@ -68,7 +69,7 @@ class EmbeddingEngine:
                     f"input[{i}] has token id {bad}, outside this model's vocabulary (0..{self.vocab_size - 1})",
                     param="input",
                 )
-            out.append(self._finish(list(self.tokenizer.build_inputs_with_special_tokens(list(seq)))))
+            out.append(self._finish([*self.prefix, *seq, *self.suffix]))
         return out
 
     def check_lengths(self, sequences: Sequence[Sequence[int]]) -> None:
@@ -184,6 +185,14 @@ def weight_slices(model: nn.Module, limit: int = SLICE_BYTES) -> Iterator[list[m
             group, size = [], 0
     if group:
         yield group
+
+
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (`[CLS]` ... `[SEP]` for BERT)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    at = next(i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare)
+    return list(full[:at]), list(full[at + len(bare) :])
 
 
 def _context_limit(config: dict[str, Any], tokenizer: Any) -> int:

@@ -116,12 +116,13 @@ class ModelPool:
         return all(e.state is ModelState.READY for e in self.entries.values() if e.spec.preload)
 
     async def close(self) -> None:
-        for task in self._preloads:
+        """Stop timers and abandon loads in flight (shutdown does not wait for a large model to finish)."""
+        tasks = [*self._preloads, *(e.transition for e in self.entries.values() if e.transition is not None)]
+        for task in tasks:
             task.cancel()
         for entry in self.entries.values():
             self._cancel_timer(entry)
-        transitions = [e.transition for e in self.entries.values() if e.transition is not None]
-        await asyncio.gather(*transitions, *self._preloads, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- memory --------------------------------------------------------------------------------------------
 

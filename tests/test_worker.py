@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import mlx.core as mx
+import pytest
+
+from mlxpool.worker import Task, Worker
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[Worker]:
+    w = Worker()
+    w.start()
+    yield w
+    w.stop()
+
+
+async def test_call_runs_on_the_worker_thread(worker: Worker) -> None:
+    assert await worker.call(lambda: threading.current_thread().name) == "mlx-worker"
+
+
+async def test_job_errors_reach_the_caller_and_the_worker_goes_on(worker: Worker) -> None:
+    def boom() -> None:
+        raise ValueError("bad weights")
+
+    with pytest.raises(ValueError, match="bad weights"):
+        await worker.call(boom)
+    assert await worker.call(lambda: 7) == 7
+
+
+async def test_jobs_and_engines_take_turns_step_by_step(worker: Worker) -> None:
+    order: list[str] = []
+    a, b = FakeEngine("a", None, steps=order, pending=3), FakeEngine("b", None, steps=order, pending=3)
+
+    def long_load() -> Task[str]:
+        for _ in range(3):
+            order.append("load")
+            yield
+        return "loaded"
+
+    job = asyncio.ensure_future(worker.run(long_load()))
+    worker.add_engine(a)
+    worker.add_engine(b)
+    assert (await job)[0] == "loaded"
+    while a.pending or b.pending:
+        await asyncio.sleep(0.001)
+    # No piece of work runs twice in a row while another has some pending: round-robin.
+    assert order.count("load") == 3 and order.count("a") == 3 and order.count("b") == 3
+    first_a, last_load = order.index("a"), len(order) - 1 - order[::-1].index("load")
+    assert first_a < last_load, order
+    assert a.threads == b.threads == {"mlx-worker"}
+
+
+async def test_job_reports_the_memory_it_allocated(worker: Worker) -> None:
+    def allocate() -> Task[mx.array]:
+        x = mx.ones((1024, 256), dtype=mx.float32)
+        mx.eval(x)
+        yield
+        return x
+
+    array, allocated = await worker.run(allocate())
+    assert allocated >= 1024 * 256 * 4
+    del array
+
+
+async def test_a_cancelled_waiter_does_not_break_the_worker(worker: Worker) -> None:
+    gate = threading.Event()
+
+    def slow() -> Task[int]:
+        while not gate.is_set():
+            yield
+        return 1
+
+    waiting = asyncio.ensure_future(worker.run(slow()))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    gate.set()
+    assert await worker.call(lambda: 2) == 2
