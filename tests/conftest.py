@@ -33,7 +33,12 @@ class Served:
     def __init__(self, app: Starlette, http: httpx.AsyncClient):
         self.app = app
         self.http = http
-        self.openai = openai.AsyncOpenAI(base_url="http://mlxpool/v1", api_key="unused", http_client=http)
+        # openai's stubs name its vendored httpx fork; an httpx.AsyncClient works the same at run time.
+        self.openai = openai.AsyncOpenAI(
+            base_url="http://mlxpool/v1",
+            api_key="unused",
+            http_client=http,  # type: ignore[arg-type]
+        )
 
     @property
     def pool(self) -> ModelPool:

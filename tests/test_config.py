@@ -40,7 +40,12 @@ def test_the_file_contract_loads(tmp_path: Path) -> None:
     assert settings.server.ports == [8787, 8788]
     spec = settings.models["my-embedder"]
     assert (spec.kind, spec.repo, spec.aliases, spec.preload, spec.ttl, spec.default) == (
-        "embedding", "org/name", ["embedding"], True, -1, True,
+        "embedding",
+        "org/name",
+        ["embedding"],
+        True,
+        -1,
+        True,
     )
     assert settings.models["local"].path == str((tmp_path / "weights/local").resolve())
 

@@ -75,13 +75,19 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mlxpool.server import run
+    from mlxpool.server import bind, run
 
     settings = serve_settings(args)
     logging.basicConfig(
         level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run(settings)
+    try:
+        sockets = bind(settings.server.host, settings.server.ports)
+    except OSError as exc:
+        where = f"{settings.server.host} port(s) {settings.server.ports}"
+        print(f"mlxpool: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    run(settings, sockets)
     return 0
 
 

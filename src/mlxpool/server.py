@@ -20,9 +20,8 @@ def bind(host: str, ports: list[int]) -> list[socket.socket]:
     return [socket.create_server((host, port), family=family, backlog=2048) for port in ports]
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     server_settings = settings.server
-    sockets = bind(server_settings.host, server_settings.ports)
     config = uvicorn.Config(
         create_app(settings),
         log_level=server_settings.log_level,
@@ -34,5 +33,5 @@ async def serve(settings: Settings) -> None:
     await uvicorn.Server(config).serve(sockets=sockets)
 
 
-def run(settings: Settings) -> None:
-    asyncio.run(serve(settings))
+def run(settings: Settings, sockets: list[socket.socket]) -> None:
+    asyncio.run(serve(settings, sockets))

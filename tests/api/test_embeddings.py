@@ -19,8 +19,15 @@ from tests.conftest import Served, ServeFactory, make_settings
 async def served(serve: ServeFactory, tiny_models: dict[str, Path]) -> AsyncIterator[Served]:
     settings = make_settings(
         {
-            "qwen": {"kind": "embedding", "path": str(tiny_models["qwen3"]), "aliases": ["embedding"],
-                     "default": True, "preload": True, "memory_reserve": "16MB", "max_batch_size": 16},
+            "qwen": {
+                "kind": "embedding",
+                "path": str(tiny_models["qwen3"]),
+                "aliases": ["embedding"],
+                "default": True,
+                "preload": True,
+                "memory_reserve": "16MB",
+                "max_batch_size": 16,
+            },
             "bert": {"kind": "embedding", "path": str(tiny_models["bert"]), "memory_reserve": "16MB"},
         },
         max_request_bytes="64KB",
@@ -49,9 +56,7 @@ async def test_strings_give_normalized_vectors_and_usage(served: Served, model: 
 async def test_float_and_base64_encodings_agree(served: Served) -> None:
     text = "A monkey is playing drums."
     floats = await served.http.post("/v1/embeddings", json={"model": "qwen", "input": text})
-    b64 = await served.http.post(
-        "/v1/embeddings", json={"model": "qwen", "input": text, "encoding_format": "base64"}
-    )
+    b64 = await served.http.post("/v1/embeddings", json={"model": "qwen", "input": text, "encoding_format": "base64"})
     as_float = np.array(floats.json()["data"][0]["embedding"], dtype=np.float32)
     decoded = np.frombuffer(base64.b64decode(b64.json()["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_array_equal(as_float, decoded)
@@ -102,9 +107,7 @@ async def test_concurrent_requests_are_micro_batched(served: Served) -> None:
     entry = served.pool.entries["qwen"]
     assert entry.engine is not None
     before = entry.engine.describe()["batches"]
-    results = await asyncio.gather(
-        *(vectors(served, model="qwen", input=f"sentence number {i}") for i in range(48))
-    )
+    results = await asyncio.gather(*(vectors(served, model="qwen", input=f"sentence number {i}") for i in range(48)))
     batches = entry.engine.describe()["batches"] - before
     assert all(r.shape == (1, 32) for r in results)
     assert 3 <= batches < 48  # max_batch_size 16 bounds each pass
@@ -168,9 +171,7 @@ async def test_body_over_the_limit_without_content_length_is_a_413(served: Serve
     assert response.status_code == 413
 
 
-async def test_unexpected_failures_are_a_500_without_internals(
-    served: Served, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_unexpected_failures_are_a_500_without_internals(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlxpool.engines.embedding import EmbeddingEngine
 
     def broken(self: EmbeddingEngine, texts: list[str]) -> list[list[int]]:

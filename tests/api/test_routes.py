@@ -112,9 +112,7 @@ async def test_a_model_larger_than_the_budget_is_a_503(served: Served) -> None:
     assert "retry-after" in response.headers
 
 
-async def test_a_failing_model_is_a_503_and_the_server_goes_on(
-    serve: ServeFactory, tmp_path: Path
-) -> None:
+async def test_a_failing_model_is_a_503_and_the_server_goes_on(serve: ServeFactory, tmp_path: Path) -> None:
     loader = FakeLoader({"bad": MB, "good": MB}, fail={"bad"})
     settings = make_settings(
         {name: {"kind": "embedding", "path": str(tmp_path), "memory_reserve": MB} for name in ("bad", "good")}

@@ -60,6 +60,10 @@ async def settle(pool: ModelPool) -> None:
         await asyncio.sleep(0.005)
 
 
+def state(pool: ModelPool, name: str) -> ModelState:
+    return pool.entries[name].state
+
+
 async def use(pool: ModelPool, name: str) -> None:
     async with pool.acquire(name):
         clock(pool).advance(1)
@@ -85,7 +89,7 @@ async def test_concurrent_requests_share_one_load(make_pool: PoolFactory) -> Non
 
     await asyncio.gather(*(request() for _ in range(20)))
     assert loader.calls == ["a"]
-    assert pool.entries["a"].state is ModelState.READY
+    assert state(pool, "a") is ModelState.READY
 
 
 async def test_loads_run_on_the_worker_thread(make_pool: PoolFactory) -> None:
@@ -125,8 +129,8 @@ async def test_pinned_model_is_never_evicted(make_pool: PoolFactory) -> None:
     await use(pool, "b")
     await use(pool, "c")
     await settle(pool)
-    assert pool.entries["pin"].state is ModelState.READY
-    assert pool.entries["b"].state is ModelState.ABSENT
+    assert state(pool, "pin") is ModelState.READY
+    assert state(pool, "b") is ModelState.ABSENT
 
 
 async def test_leased_model_is_not_evicted_and_the_newcomer_waits_for_it(make_pool: PoolFactory) -> None:
@@ -136,10 +140,10 @@ async def test_leased_model_is_not_evicted_and_the_newcomer_waits_for_it(make_po
         waiting = asyncio.create_task(use(pool, "b"))
         await asyncio.sleep(0.1)
         assert not waiting.done()
-        assert pool.entries["a"].state is ModelState.READY and "b" not in loader.calls
+        assert state(pool, "a") is ModelState.READY and "b" not in loader.calls
     await asyncio.wait_for(waiting, 5)
-    assert pool.entries["a"].state is ModelState.ABSENT
-    assert pool.entries["b"].state is ModelState.READY
+    assert state(pool, "a") is ModelState.ABSENT
+    assert state(pool, "b") is ModelState.READY
 
 
 async def test_no_memory_in_time_is_a_503_with_retry_after(make_pool: PoolFactory) -> None:
@@ -149,9 +153,9 @@ async def test_no_memory_in_time_is_a_503_with_retry_after(make_pool: PoolFactor
         with pytest.raises(MemoryBudgetError) as err:
             await use(pool, "b")
     assert err.value.status == 503 and err.value.retry_after
-    assert pool.entries["b"].state is ModelState.ABSENT
+    assert state(pool, "b") is ModelState.ABSENT
     await use(pool, "b")  # memory is free now: the next request loads it
-    assert pool.entries["b"].state is ModelState.READY
+    assert state(pool, "b") is ModelState.READY
 
 
 async def test_model_larger_than_the_budget_fails_at_once(make_pool: PoolFactory) -> None:
@@ -193,10 +197,10 @@ async def test_idle_ttl_unloads_on_the_clock(make_pool: PoolFactory) -> None:
     pool = make_pool({"a": {"ttl": 60}}, loader)
     await use(pool, "a")
     clock(pool).advance(59)
-    assert pool.entries["a"].state is ModelState.READY
+    assert state(pool, "a") is ModelState.READY
     clock(pool).advance(2)
     await settle(pool)
-    assert pool.entries["a"].state is ModelState.ABSENT
+    assert state(pool, "a") is ModelState.ABSENT
 
 
 async def test_a_lease_restarts_the_idle_countdown(make_pool: PoolFactory) -> None:
@@ -206,13 +210,13 @@ async def test_a_lease_restarts_the_idle_countdown(make_pool: PoolFactory) -> No
     clock(pool).advance(50)
     async with pool.acquire("a"):
         clock(pool).advance(100)  # leased: the old timer must not fire
-        assert pool.entries["a"].state is ModelState.READY
+        assert state(pool, "a") is ModelState.READY
     clock(pool).advance(59)
     await settle(pool)
-    assert pool.entries["a"].state is ModelState.READY
+    assert state(pool, "a") is ModelState.READY
     clock(pool).advance(1)
     await settle(pool)
-    assert pool.entries["a"].state is ModelState.ABSENT
+    assert state(pool, "a") is ModelState.ABSENT
 
 
 async def test_ttl_zero_unloads_when_the_last_request_ends(make_pool: PoolFactory) -> None:
@@ -221,7 +225,7 @@ async def test_ttl_zero_unloads_when_the_last_request_ends(make_pool: PoolFactor
     async with pool.acquire("a"), pool.acquire("a"):
         pass
     await settle(pool)
-    assert pool.entries["a"].state is ModelState.ABSENT
+    assert state(pool, "a") is ModelState.ABSENT
     assert loader.calls == ["a"]
 
 
@@ -242,7 +246,7 @@ async def test_failed_load_cools_down_then_retries_with_growing_cooldown(make_po
     loader.fail.clear()
     clock(pool).advance(21)
     await use(pool, "bad")
-    assert pool.entries["bad"].state is ModelState.READY and pool.entries["bad"].failures == 0
+    assert state(pool, "bad") is ModelState.READY and pool.entries["bad"].failures == 0
 
 
 async def test_failed_load_returns_its_memory(make_pool: PoolFactory) -> None:
@@ -271,9 +275,9 @@ async def test_unload_waits_for_requests_in_flight(make_pool: PoolFactory) -> No
     async with pool.acquire("a"):
         unloading = asyncio.create_task(pool.unload("a"))
         await asyncio.sleep(0.05)
-        assert pool.entries["a"].state is ModelState.READY
+        assert state(pool, "a") is ModelState.READY
     await asyncio.wait_for(unloading, 5)
-    assert pool.entries["a"].state is ModelState.ABSENT
+    assert state(pool, "a") is ModelState.ABSENT
 
 
 async def test_preload_makes_the_pool_ready(make_pool: PoolFactory) -> None:
@@ -282,10 +286,10 @@ async def test_preload_makes_the_pool_ready(make_pool: PoolFactory) -> None:
     pool = make_pool({"a": {"preload": True}, "b": {}}, loader)
     pool.start()
     await asyncio.sleep(0.05)
-    assert not pool.ready and pool.entries["a"].state is ModelState.LOADING
+    assert not pool.ready and state(pool, "a") is ModelState.LOADING
     loader.gate.set()
     await settle(pool)
-    assert pool.ready and pool.entries["b"].state is ModelState.ABSENT
+    assert pool.ready and state(pool, "b") is ModelState.ABSENT
 
 
 async def test_a_load_slower_than_the_timeout_is_a_503_and_keeps_going(make_pool: PoolFactory) -> None:
@@ -297,4 +301,4 @@ async def test_a_load_slower_than_the_timeout_is_a_503_and_keeps_going(make_pool
     assert err.value.retry_after
     loader.gate.set()
     await settle(pool)
-    assert pool.entries["a"].state is ModelState.READY and loader.calls == ["a"]
+    assert state(pool, "a") is ModelState.READY and loader.calls == ["a"]

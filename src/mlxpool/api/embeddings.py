@@ -46,9 +46,9 @@ async def _embed(
                 param="dimensions",
             )
         if isinstance(inputs[0], str):
-            sequences = await asyncio.to_thread(engine.tokenize, inputs)  # type: ignore[arg-type]
+            sequences = await asyncio.to_thread(engine.tokenize, inputs)
         else:
-            sequences = engine.wrap_ids(inputs)  # type: ignore[arg-type]
+            sequences = engine.wrap_ids(inputs)
         engine.check_lengths(sequences)
         vectors = await engine.embed(sequences)
     return truncate(vectors, body.dimensions), sum(len(s) for s in sequences)
@@ -61,11 +61,11 @@ def inputs_or_raise(value: str | list[str] | list[int] | list[list[int]]) -> lis
     if not value:
         raise InvalidRequestError("input must not be an empty list", param="input")
     if isinstance(value[0], int):
-        return [value]  # type: ignore[list-item]
+        return [value]
     for i, item in enumerate(value):
         if len(item) == 0:
             raise InvalidRequestError(f"input[{i}] is empty", param="input")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def truncate(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
@@ -74,10 +74,12 @@ def truncate(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
         return vectors
     short = vectors[:, :dimensions]
     norms = np.linalg.norm(short, axis=1, keepdims=True)
-    return short / np.maximum(norms, 1e-12)
+    result: np.ndarray = short / np.maximum(norms, 1e-12)
+    return result
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()  # type: ignore[no-any-return]
+    values: list[float] = vector.tolist()
+    return values

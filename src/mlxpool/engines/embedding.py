@@ -12,10 +12,9 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -38,7 +37,7 @@ class EmbedRequest:
 
 
 class EmbeddingEngine:
-    def __init__(self, model: nn.Module, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
+    def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -173,11 +172,11 @@ def load_embedding(spec: ModelSpec, path: Path, worker: Worker) -> Task[Embeddin
     return EmbeddingEngine(model, tokenizer, spec, config, worker)
 
 
-def weight_slices(model: nn.Module, limit: int = SLICE_BYTES) -> Iterator[list[mx.array]]:
+def weight_slices(model: Any, limit: int = SLICE_BYTES) -> Iterator[list[mx.array]]:
     """The model's arrays in groups of about `limit` bytes."""
     group: list[mx.array] = []
     size = 0
-    for _, array in tree_flatten(model.parameters()):
+    for _, array in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())):
         group.append(array)
         size += array.nbytes
         if size >= limit:
