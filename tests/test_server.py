@@ -133,3 +133,15 @@ def test_sigterm_shuts_down_cleanly(server: Running) -> None:
     assert "Application shutdown complete" in log and "Traceback" not in log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url(0)}/health", timeout=2)
+
+
+def test_listening_sockets_are_tcp_so_asyncio_disables_nagle() -> None:
+    # Regression: sockets with proto 0 made every keep-alive response wait ~40 ms (Nagle + delayed ACK).
+    from mlxpool.server import bind
+
+    sockets = bind("127.0.0.1", free_ports(2))
+    try:
+        assert [s.proto for s in sockets] == [socket.IPPROTO_TCP] * 2
+    finally:
+        for s in sockets:
+            s.close()

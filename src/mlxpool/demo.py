@@ -73,8 +73,12 @@ def build_tiny_bert(out: Path) -> Path:
     return out
 
 
-def build_tiny_qwen3_embedding(out: Path) -> Path:
-    """A 2-layer Qwen3 with a byte-level BPE tokenizer (Qwen3-Embedding layout, last-token pooling)."""
+def build_tiny_qwen3_embedding(out: Path, **shape: Any) -> Path:
+    """A 2-layer Qwen3 with a byte-level BPE tokenizer (Qwen3-Embedding layout, last-token pooling).
+
+    `shape` overrides config fields, e.g. Qwen3-Embedding-0.6B's real shape for benchmarks (the tokenizer stays
+    tiny; its ids are valid in any larger vocabulary).
+    """
     from mlx_embeddings.models import qwen3
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -115,6 +119,7 @@ def build_tiny_qwen3_embedding(out: Path) -> Path:
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
         "tie_word_embeddings": True,
+        **shape,
     }
     _seed()
     _save(qwen3.Model(qwen3.ModelArgs.from_dict(config)), out, config)

@@ -15,9 +15,26 @@ log = logging.getLogger(__name__)
 
 
 def bind(host: str, ports: list[int]) -> list[socket.socket]:
-    """Listening sockets for `host` on each port (bound before serving, so a taken port fails fast)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return [socket.create_server((host, port), family=family, backlog=2048) for port in ports]
+    """Listening sockets for `host` on each port (bound before serving, so a taken port fails fast).
+
+    The sockets carry proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then, and without
+    it every keep-alive response waits ~40 ms on Nagle's algorithm and the client's delayed ACK.
+    """
+    sockets = []
+    for port in ports:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(2048)
+        sockets.append(sock)
+    return sockets
 
 
 async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
