@@ -17,6 +17,9 @@ from mlxpool.errors import InvalidRequestError, UnsupportedKindError
 from mlxpool.pool import ModelPool
 
 
+INLINE_TOKENIZE_CHARS = 2048
+
+
 async def create_embeddings(request: Request) -> Response:
     body = await parse_body_or_raise(request, EmbeddingRequest)
     pool: ModelPool = request.app.state.pool
@@ -46,7 +49,8 @@ async def _embed(
                 param="dimensions",
             )
         if isinstance(inputs[0], str):
-            sequences = await asyncio.to_thread(engine.tokenize, inputs)
+            short = sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS  # microseconds: not worth a thread hop
+            sequences = engine.tokenize(inputs) if short else await asyncio.to_thread(engine.tokenize, inputs)
         else:
             sequences = engine.wrap_ids(inputs)
         engine.check_lengths(sequences)
