@@ -73,7 +73,6 @@ def direct_latencies(path: Path, texts: list[str], warmup: int = 10) -> dict[str
         start = time.perf_counter()
         call(text)
         times.append(time.perf_counter() - start)
-    del model
     return percentiles(times)
 
 

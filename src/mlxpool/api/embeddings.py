@@ -16,7 +16,6 @@ from mlxpool.engines.embedding import EmbeddingEngine
 from mlxpool.errors import InvalidRequestError, UnsupportedKindError
 from mlxpool.pool import ModelPool
 
-
 INLINE_TOKENIZE_CHARS = 2048
 
 
