@@ -182,3 +182,25 @@ async def test_unexpected_failures_are_a_500_without_internals(served: Served, m
     assert response.status_code == 500
     assert "secret" not in response.text and response.json()["error"]["type"] == "server_error"
     assert served.pool.entries["qwen"].leases == 0
+
+
+async def test_unloading_a_real_engine_returns_active_memory_to_baseline(
+    serve: ServeFactory, tiny_models: dict[str, Path]
+) -> None:
+    import mlx.core as mx
+
+    settings = make_settings({"bert": {"kind": "embedding", "path": str(tiny_models["bert"])}})
+    async with serve(settings) as s:
+
+        async def cycle() -> tuple[int, int]:
+            await vectors(s, model="bert", input=["load me", "and use me"])
+            loaded = await s.pool.worker.call(mx.get_active_memory)
+            assert (await s.http.post("/admin/models/bert/unload")).json()["state"] == "absent"
+            return loaded, await s.pool.worker.call(mx.get_active_memory)
+
+        await cycle()  # the first forward pass leaves a few bytes of MLX constants behind, once
+        baseline = await s.pool.worker.call(mx.get_active_memory)
+        for _ in range(3):
+            loaded, after = await cycle()
+            assert loaded - baseline >= s.pool.entries["bert"].measured > 0  # type: ignore[operator]
+            assert after == baseline

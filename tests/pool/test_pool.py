@@ -302,3 +302,17 @@ async def test_a_load_slower_than_the_timeout_is_a_503_and_keeps_going(make_pool
     loader.gate.set()
     await settle(pool)
     assert state(pool, "a") is ModelState.READY and loader.calls == ["a"]
+
+
+async def test_a_model_bigger_than_its_estimate_evicts_idle_ones_after_loading(make_pool: PoolFactory) -> None:
+    loader = FakeLoader({"small": MB, "under": 2 * MB})
+    pool = make_pool({"small": {}, "under": {"memory_reserve": MB}}, loader, budget=2 * MB + MB // 2)
+    await use(pool, "small")
+    await use(pool, "under")  # estimated 1 MiB (fits beside small), measured 2 MiB
+    await settle(pool)
+    assert state(pool, "small") is ModelState.ABSENT and state(pool, "under") is ModelState.READY
+    assert pool.used() <= pool.budget
+    assert pool.entries["under"].estimate == MB
+    await pool.unload("under")
+    await use(pool, "under")  # the next load expects what it measured
+    assert pool.entries["under"].estimate >= 2 * MB

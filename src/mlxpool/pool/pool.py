@@ -175,7 +175,8 @@ class ModelPool:
         spec = entry.spec
         try:
             path = await self._local_dir(entry)
-            entry.estimate = sources.estimate_bytes(spec, path)
+            # A model loaded before is expected to need what it measured then, if that was more.
+            entry.estimate = max(sources.estimate_bytes(spec, path), entry.measured or 0)
             await self._reserve(entry)
             log.info("loading %s (estimate %s)", spec.name, human_bytes(entry.estimate))
             started = self.clock.now()
@@ -194,7 +195,24 @@ class ModelPool:
         log.info("loaded %s in %.1f s, %s", spec.name, self.clock.now() - started, human_bytes(allocated))
         if spec.ttl > 0:  # ttl 0 waits for the first request to end; unloading now would starve its waiters
             self._on_idle(entry)
+        self._restore_budget(entry)
         return None
+
+    def _restore_budget(self, loaded: ModelEntry) -> None:
+        """A model that measured more than its estimate may push the pool over budget: evict idle ones to fix it."""
+        over = self.used() - self.budget
+        if over <= 0:
+            return
+        residents = [r for r in self._residents() if r.name != loaded.spec.name]
+        victims = choose_victims(residents, over) or []
+        log.warning(
+            "%s measured %s, over its estimate; evicting %s",
+            loaded.spec.name,
+            human_bytes(loaded.measured),
+            ", ".join(victims) or "nothing (all in use)",
+        )
+        for name in victims:
+            self._start_unload(self.entries[name])
 
     async def _local_dir(self, entry: ModelEntry) -> Path:
         path = await asyncio.to_thread(sources.cached_dir, entry.spec)
