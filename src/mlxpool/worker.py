@@ -20,6 +20,7 @@ import mlx.core as mx
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Task = Generator[None, None, T]
+GC_SLACK = 2**20
 
 
 class Steppable(Protocol):
@@ -144,11 +145,11 @@ class Worker:
 def release_memory(target: int = 0) -> int:
     """Return MLX's cache to the system (worker only); returns the active bytes left.
 
-    Refcounting frees most arrays at once; the slow full garbage collection runs only when that did not bring
-    active memory down to `target` (arrays kept alive by reference cycles).
+    Refcounting frees most arrays at once; the slow full garbage collection (100+ ms with big libraries
+    imported) runs only when that left more than GC_SLACK bytes above `target` (arrays held by reference cycles).
     """
     mx.clear_cache()
-    if mx.get_active_memory() > target:
+    if mx.get_active_memory() > target + GC_SLACK:
         gc.collect()
         mx.clear_cache()
     return int(mx.get_active_memory())

@@ -79,8 +79,9 @@ async def test_padding_in_a_batch_does_not_change_a_vector(served: Served, model
     short = "drums."
     alone = await vectors(served, model=model, input=short)
     batched = await vectors(served, model=model, input=[short, "A man is eating a piece of bread. " * 3, short])
-    np.testing.assert_allclose(batched[0], alone[0], atol=1e-5)
-    np.testing.assert_allclose(batched[2], alone[0], atol=1e-5)
+    # Other batch shapes pick other kernels (TF32 on CUDA: ~3e-4); a padding bug moves a vector by ~0.1.
+    np.testing.assert_allclose(batched[0], alone[0], atol=2e-3)
+    np.testing.assert_allclose(batched[2], alone[0], atol=2e-3)
 
 
 async def test_qwen3_pools_the_end_of_text_token(served: Served, tiny_models: dict[str, Path]) -> None:
@@ -112,7 +113,7 @@ async def test_concurrent_requests_are_micro_batched(served: Served) -> None:
     assert all(r.shape == (1, 32) for r in results)
     assert 3 <= batches < 48  # max_batch_size 16 bounds each pass
     alone = await vectors(served, model="qwen", input="sentence number 5")
-    np.testing.assert_allclose(results[5], alone, atol=1e-5)
+    np.testing.assert_allclose(results[5], alone, atol=2e-3)
 
 
 @pytest.mark.parametrize(

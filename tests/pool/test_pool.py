@@ -37,7 +37,8 @@ async def make_pool(tmp_path: Path) -> AsyncIterator[PoolFactory]:
         for name, spec in models.items():
             spec.setdefault("kind", "embedding")
             spec.setdefault("path", str(tmp_path))
-            spec.setdefault("memory_reserve", loader.sizes.get(name, 4096))
+            # Estimates carry a reserve; 4 KiB covers the few bytes a backend allocates beside the weights.
+            spec.setdefault("memory_reserve", loader.sizes.get(name, 4096) + 4096)
         server.setdefault("load_timeout", 5)
         pool = ModelPool(make_settings(models, **server), worker, budget, loader=loader, clock=FakeClock())
         pools.append(pool)
@@ -316,3 +317,21 @@ async def test_a_model_bigger_than_its_estimate_evicts_idle_ones_after_loading(m
     await pool.unload("under")
     await use(pool, "under")  # the next load expects what it measured
     assert pool.entries["under"].estimate >= 2 * MB
+
+
+async def test_models_that_cannot_fit_together_take_turns_without_livelock(make_pool: PoolFactory) -> None:
+    # Regression: a model loaded for waiting requests was evicted by the other model's load before they could
+    # lease it, over and over.
+    loader = FakeLoader({"a": 2 * MB, "b": 2 * MB})
+    pool = make_pool({"a": {}, "b": {}}, loader, budget=3 * MB)
+    await asyncio.wait_for(asyncio.gather(*(use(pool, name) for _ in range(5) for name in ("a", "b"))), 10)
+    assert len(loader.calls) <= 10
+
+
+async def test_a_model_loaded_without_a_request_starts_its_idle_timer(make_pool: PoolFactory) -> None:
+    loader = FakeLoader({"a": MB})
+    pool = make_pool({"a": {"ttl": 60}}, loader)
+    await pool.load("a")
+    clock(pool).advance(61)
+    await settle(pool)
+    assert state(pool, "a") is ModelState.ABSENT

@@ -19,26 +19,6 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
-class EmbeddingData(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingResponse(BaseModel):
-    """OpenAI API reference: Embeddings → The embedding object (wrapped in a list)."""
-
-    object: Literal["list"] = "list"
-    data: list[EmbeddingData]
-    model: str
-    usage: Usage
-
-
 class ModelCard(BaseModel):
     """OpenAI API reference: Models → The model object; `kind`, `aliases` and `state` are mlxpool's own."""
 

@@ -71,22 +71,21 @@ class ModelPool:
     async def acquire(self, name: str) -> AsyncIterator[Engine]:
         """Lease a model, loading it first if needed. A leased model is never evicted or unloaded."""
         entry = self.resolve(name)
-        engine = await self._ready(entry)
-        entry.leases += 1
-        self._cancel_timer(entry)
+        engine = await self._ready(entry, lease=True)
         try:
             yield engine
         finally:
             entry.leases -= 1
             entry.last_used = self.clock.now()
             if entry.leases == 0:
-                self._on_idle(entry)
+                self._on_idle(entry, request_ended=True)
+                self._restore_budget()
                 self._notify()
 
     async def load(self, name: str) -> ModelEntry:
         """Load a model without leasing it (admin API, preload); its idle timer starts at once."""
         entry = self.resolve(name)
-        await self._ready(entry)
+        await self._ready(entry, lease=False)
         return entry
 
     async def unload(self, name: str) -> ModelEntry:
@@ -132,12 +131,27 @@ class ModelPool:
 
     # --- internals -----------------------------------------------------------------------------------------
 
-    async def _ready(self, entry: ModelEntry) -> Engine:
+    async def _ready(self, entry: ModelEntry, lease: bool) -> Engine:
+        """Wait until the model is loaded (loading it if nobody is), then lease it if asked, in the same step.
+
+        While a request waits here the model is not idle, so a model loaded for it cannot be evicted or expire
+        before the request gets its lease.
+        """
+        entry.waiters += 1
         try:
             async with asyncio.timeout(self.server.load_timeout):
-                return await self._ready_unbounded(entry)
+                engine = await self._ready_unbounded(entry)
+            if lease:
+                entry.leases += 1
+                self._cancel_timer(entry)
+            return engine
         except TimeoutError:
             raise self._timeout_error(entry) from None
+        finally:
+            entry.waiters -= 1
+            if entry.idle:  # loaded for waiters that leased nothing (admin load, preload, timeouts)
+                self._on_idle(entry, request_ended=False)
+                self._notify()
 
     def _timeout_error(self, entry: ModelEntry) -> ServiceUnavailableError:
         waited = f"{self.server.load_timeout:g} s"
@@ -193,24 +207,22 @@ class ModelPool:
         entry.failures, entry.error, entry.last_used = 0, None, self.clock.now()
         self.worker.add_engine(engine)
         log.info("loaded %s in %.1f s, %s", spec.name, self.clock.now() - started, human_bytes(allocated))
-        if spec.ttl > 0:  # ttl 0 waits for the first request to end; unloading now would starve its waiters
-            self._on_idle(entry)
-        self._restore_budget(entry)
+        self._restore_budget(keep=entry)
         return None
 
-    def _restore_budget(self, loaded: ModelEntry) -> None:
-        """A model that measured more than its estimate may push the pool over budget: evict idle ones to fix it."""
-        over = self.used() - self.budget
+    def _restore_budget(self, keep: ModelEntry | None = None) -> None:
+        """Evict idle models while the pool is over budget (a model measured more than its estimate).
+
+        Runs after each load and whenever a model's last lease ends, so an excess that could not be evicted at
+        once (every other model in use) lasts only until a lease ends.
+        """
+        leaving = sum(e.footprint for e in self.entries.values() if e.state is ModelState.UNLOADING)
+        over = self.used() - leaving - self.budget
         if over <= 0:
             return
-        residents = [r for r in self._residents() if r.name != loaded.spec.name]
+        residents = [r for r in self._residents() if keep is None or r.name != keep.spec.name]
         victims = choose_victims(residents, over) or []
-        log.warning(
-            "%s measured %s, over its estimate; evicting %s",
-            loaded.spec.name,
-            human_bytes(loaded.measured),
-            ", ".join(victims) or "nothing (all in use)",
-        )
+        log.warning("%s over the memory budget; evicting %s", human_bytes(over), ", ".join(victims) or "nothing yet")
         for name in victims:
             self._start_unload(self.entries[name])
 
@@ -279,20 +291,21 @@ class ModelPool:
             self._notify()
         return None
 
-    def _on_idle(self, entry: ModelEntry) -> None:
-        """Start the idle countdown of a model nobody is using."""
+    def _on_idle(self, entry: ModelEntry, request_ended: bool) -> None:
+        """Start the idle countdown of a model nobody is using; `ttl = 0` unloads when a request ends."""
         ttl = entry.spec.ttl
-        if ttl < 0 or entry.leases or entry.state is not ModelState.READY or entry.transition is not None:
+        if ttl < 0 or not entry.idle:
             return
         if ttl == 0:
-            self._start_unload(entry)
+            if request_ended:
+                self._start_unload(entry)
             return
         self._cancel_timer(entry)
         entry.timer = self.clock.call_later(ttl, lambda: self._expire(entry))
 
     def _expire(self, entry: ModelEntry) -> None:
         entry.timer = None
-        if entry.leases == 0 and entry.state is ModelState.READY and entry.transition is None:
+        if entry.idle:
             log.info("unloading %s after %g s idle", entry.spec.name, entry.spec.ttl)
             self._start_unload(entry)
 
@@ -303,7 +316,7 @@ class ModelPool:
 
     async def _preload(self, entry: ModelEntry) -> None:
         try:
-            await self._ready(entry)
+            await self._ready(entry, lease=False)
         except MlxpoolError as exc:
             log.error("preload of %s failed: %s", entry.spec.name, exc.message)
 

@@ -30,6 +30,8 @@ class ModelEntry:
     state: ModelState = ModelState.ABSENT
     engine: Engine | None = None
     leases: int = 0
+    waiters: int = 0
+    """Requests waiting for this model to be ready; a model just loaded for them is not evicted before they lease."""
     last_used: float = 0.0
     estimate: int = 0
     """Bytes expected before loading: weight files plus the kind's reserve."""
@@ -52,5 +54,10 @@ class ModelEntry:
         return self.measured
 
     @property
+    def idle(self) -> bool:
+        """Loaded, and nobody is using it, waiting for it, or changing its state."""
+        return self.state is ModelState.READY and self.leases == 0 and self.waiters == 0 and self.transition is None
+
+    @property
     def evictable(self) -> bool:
-        return self.state is ModelState.READY and self.leases == 0 and self.transition is None and not self.spec.pinned
+        return self.idle and not self.spec.pinned
