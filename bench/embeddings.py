@@ -150,6 +150,12 @@ async def one(client: aiohttp.ClientSession, text: str) -> float:
     return time.perf_counter() - start
 
 
+async def engine_stats(client: aiohttp.ClientSession) -> dict[str, Any]:
+    async with client.get("/admin/models") as response:
+        stats: dict[str, Any] = (await response.json())["models"][0]["engine"]
+    return stats
+
+
 async def through_server(port: int, texts: list[str], rounds: int) -> dict[str, Any]:
     # aiohttp, not httpx, drives the load: httpx's client spends ~5 ms of CPU per request at 64 concurrent
     # connections and would measure itself instead of the server.
@@ -159,15 +165,21 @@ async def through_server(port: int, texts: list[str], rounds: int) -> dict[str, 
             await asyncio.gather(*(one(client, t) for t in texts))
             for t in texts[:10]:
                 await one(client, t)
-        sequential, concurrent, latencies = [], [], []
+        sequential, concurrent, latencies, bursts = [], [], [], []
         for _ in range(rounds):
             start = time.perf_counter()
             for t in texts:
                 latencies.append(await one(client, t))
             sequential.append(len(texts) / (time.perf_counter() - start))
+            before = await engine_stats(client)
             start = time.perf_counter()
             await asyncio.gather(*(one(client, t) for t in texts))
-            concurrent.append(len(texts) / (time.perf_counter() - start))
+            elapsed = time.perf_counter() - start
+            concurrent.append(len(texts) / elapsed)
+            after = await engine_stats(client)
+            batches = after["batches"] - before["batches"]
+            busy = after["busy_seconds"] - before["busy_seconds"]
+            bursts.append({"seconds": elapsed, "batches": batches, "forward_seconds": busy})
         health = []
         for _ in range(100):
             start = time.perf_counter()
@@ -182,6 +194,7 @@ async def through_server(port: int, texts: list[str], rounds: int) -> dict[str, 
         "latency": percentiles(latencies),
         "health_latency": percentiles(health),
         "batches": admin["engine"]["batches"],
+        "bursts": bursts,
     }
 
 
@@ -230,6 +243,11 @@ def main() -> None:
         f"+{result['overhead_p50_ms']:.2f} ms\n  split: worker path p50 {worker['latency']['p50_ms']:.2f} ms "
         f"({worker['concurrent_rps']:.0f} req/s at {args.requests} concurrent), HTTP floor (GET /health) p50 "
         f"{served['health_latency']['p50_ms']:.2f} ms, {served['batches']} batches in total"
+    )
+    burst = served["bursts"][len(served["bursts"]) // 2]
+    print(
+        f"  a concurrent burst: {burst['seconds'] * 1e3:.1f} ms, {burst['batches']} forward passes taking "
+        f"{burst['forward_seconds'] * 1e3:.1f} ms on the worker"
     )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlxpool.config import ModelSpec
@@ -89,3 +90,23 @@ async def test_all_mlx_work_runs_on_the_worker(
     monkeypatch.setattr(engine, "_forward", spy)
     await engine.embed(engine.tokenize(["hello", "world"]))
     assert threads == {"mlx-worker"}
+
+
+def test_batch_shapes_round_up_only_when_bucketing() -> None:
+    from mlxpool.engines.embedding import batch_shape
+
+    assert batch_shape(5, 17, bucket=False) == (5, 17)
+    assert batch_shape(5, 17, bucket=True) == (8, 32)
+    assert batch_shape(1, 16, bucket=True) == (1, 16)
+    assert batch_shape(64, 1, bucket=True) == (64, 16)
+
+
+@pytest.mark.parametrize("model", ["bert", "qwen3"])
+async def test_bucketed_batches_give_the_same_vectors(worker: Worker, tiny_models: dict[str, Path], model: str) -> None:
+    engine = await load(worker, tiny_models[model])
+    sequences = engine.tokenize(["drums.", "a man is eating a piece of bread.", "a monkey"])
+    exact = await engine.embed(sequences)
+    engine.bucket_shapes = True  # as on a GPU: 3 rows of ~12 tokens run as 4 x 16
+    bucketed = await engine.embed(sequences)
+    assert bucketed.shape == exact.shape and np.isfinite(bucketed).all()
+    np.testing.assert_allclose(bucketed, exact, atol=2e-3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +49,12 @@ class EmbeddingEngine:
         self.max_tokens = spec.max_input_tokens or _context_limit(config, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.prefix, self.suffix = special_frame(tokenizer)
+        # GPU backends compile kernels for each new shape (tens of ms on CUDA): run a few shapes only.
+        self.bucket_shapes = mx.default_device().type == mx.gpu
         self._queue: deque[tuple[EmbedRequest, int]] = deque()
         self.batches = 0
+        self.sequences = 0
+        self.busy_seconds = 0.0
 
     # --- loop side -------------------------------------------------------------------------------------------
 
@@ -93,7 +98,13 @@ class EmbeddingEngine:
             request.cancelled = True  # done or abandoned: either way nothing more to compute
 
     def describe(self) -> dict[str, Any]:
-        return {"queued_sequences": len(self._queue), "batches": self.batches, "dimensions": self.dimensions}
+        return {
+            "queued_sequences": len(self._queue),
+            "batches": self.batches,
+            "sequences": self.sequences,
+            "busy_seconds": round(self.busy_seconds, 4),
+            "dimensions": self.dimensions,
+        }
 
     # --- worker side -----------------------------------------------------------------------------------------
 
@@ -104,6 +115,7 @@ class EmbeddingEngine:
         batch = self._take_batch()
         if not batch:
             return
+        started = time.perf_counter()
         try:
             vectors = self._forward([request.sequences[i] for request, i in batch])
         except Exception as exc:
@@ -111,7 +123,10 @@ class EmbeddingEngine:
                 request.cancelled = True
                 deliver(request.future, error=exc)
             return
+        finally:
+            self.busy_seconds += time.perf_counter() - started
         self.batches += 1
+        self.sequences += len(batch)
         for (request, i), vector in zip(batch, vectors, strict=True):
             request.vectors[i] = vector
             request.pending -= 1
@@ -138,15 +153,18 @@ class EmbeddingEngine:
         return batch
 
     def _forward(self, sequences: list[list[int]]) -> np.ndarray:
-        # Right padding: mlx-embeddings returns NaN for left-padded Qwen3 batches.
-        width = max(len(s) for s in sequences)
-        ids = np.full((len(sequences), width), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(sequences), width), dtype=np.int32)
+        rows, width = batch_shape(len(sequences), max(len(s) for s in sequences), self.bucket_shapes)
+        width = min(width, self.max_tokens)
+        # Right padding: mlx-embeddings returns NaN for left-padded Qwen3 batches. Filler rows get one unmasked
+        # token so no row is fully masked.
+        ids = np.full((rows, width), self.pad_id, dtype=np.int32)
+        mask = np.zeros((rows, width), dtype=np.int32)
+        mask[:, 0] = 1
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
         output = self.model(mx.array(ids), attention_mask=mx.array(mask))
-        embeds = output.text_embeds.astype(mx.float32)
+        embeds = output.text_embeds[: len(sequences)].astype(mx.float32)
         mx.eval(embeds)
         return np.array(embeds)
 
@@ -184,6 +202,13 @@ def weight_slices(model: Any, limit: int = SLICE_BYTES) -> Iterator[list[mx.arra
             group, size = [], 0
     if group:
         yield group
+
+
+def batch_shape(rows: int, width: int, bucket: bool) -> tuple[int, int]:
+    """The shape a batch runs at: as is, or rounded up to a power of two rows and a multiple of 16 tokens."""
+    if not bucket:
+        return rows, width
+    return 1 << (rows - 1).bit_length(), -(-width // 16) * 16
 
 
 def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
