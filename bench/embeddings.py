@@ -50,8 +50,11 @@ def build_model(shape: str, root: Path) -> Path:
     return path
 
 
-def direct_latencies(path: Path, texts: list[str], warmup: int = 10) -> dict[str, float]:
-    """p50/p90 of one library call per sentence: tokenize, forward, evaluate, copy to numpy."""
+def direct_latencies(path: Path, texts: list[str]) -> dict[str, float]:
+    """p50/p90 of one library call per sentence: tokenize, forward, evaluate, copy to numpy.
+
+    Every sentence is run once before timing: GPU backends compile kernels for each new input shape.
+    """
     import mlx.core as mx
     import numpy as np
     from mlx_embeddings.utils import load
@@ -67,7 +70,7 @@ def direct_latencies(path: Path, texts: list[str], warmup: int = 10) -> dict[str
         mx.eval(out)
         return np.array(out.astype(mx.float32))
 
-    for text in texts[:warmup]:
+    for text in texts:
         call(text)
     times = []
     for text in texts:
@@ -215,7 +218,7 @@ def main() -> None:
         import mlx.core as mx
 
         device = str(mx.default_device())
-        direct = direct_latencies(path, texts * 2)
+        direct = direct_latencies(path, texts)
         worker = through_worker(path, texts, args.rounds)
         port = free_port()
         server = start_server(path, port, args.requests, workdir)
