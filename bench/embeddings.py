@@ -110,6 +110,33 @@ def through_worker(path: Path, texts: list[str], rounds: int) -> dict[str, Any]:
     return asyncio.run(run())
 
 
+def in_process(path: Path, texts: list[str], rounds: int) -> dict[str, Any]:
+    """Sequential requests through the whole app in this process (no sockets, no uvicorn)."""
+    from mlxpool.api import create_app
+    from mlxpool.config import settings_from_dict
+
+    models = {"bench": {"kind": "embedding", "path": str(path), "preload": True, "max_batch_size": len(texts)}}
+    app = create_app(settings_from_dict({"models": models}, path / "bench.toml", {}))
+
+    async def run() -> dict[str, Any]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=300) as client:
+                while not app.state.pool.ready:
+                    await asyncio.sleep(0.05)
+                latencies = []
+                for i in range(rounds + 1):
+                    for t in texts:
+                        start = time.perf_counter()
+                        response = await client.post("/v1/embeddings", json={"model": "bench", "input": t})
+                        response.raise_for_status()
+                        if i:  # the first round warms up
+                            latencies.append(time.perf_counter() - start)
+        return {"latency": percentiles(latencies)}
+
+    return asyncio.run(run())
+
+
 def percentiles(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     return {
@@ -220,6 +247,7 @@ def main() -> None:
         device = str(mx.default_device())
         direct = direct_latencies(path, texts)
         worker = through_worker(path, texts, args.rounds)
+        app = in_process(path, texts, args.rounds)
         port = free_port()
         server = start_server(path, port, args.requests, workdir)
         try:
@@ -234,6 +262,7 @@ def main() -> None:
         "requests": args.requests,
         "direct": direct,
         "worker": worker,
+        "in_process_app": app,
         "server": served,
         "concurrency_speedup": served["concurrent_rps"] / served["sequential_rps"],
         "overhead_p50_ms": served["latency"]["p50_ms"] - direct["p50_ms"],
@@ -244,7 +273,8 @@ def main() -> None:
         f"one at a time {served['sequential_rps']:.0f} req/s = {result['concurrency_speedup']:.1f}x; "
         f"p50 server {served['latency']['p50_ms']:.2f} ms vs direct {direct['p50_ms']:.2f} ms = "
         f"+{result['overhead_p50_ms']:.2f} ms\n  split: worker path p50 {worker['latency']['p50_ms']:.2f} ms "
-        f"({worker['concurrent_rps']:.0f} req/s at {args.requests} concurrent), HTTP floor (GET /health) p50 "
+        f"({worker['concurrent_rps']:.0f} req/s at {args.requests} concurrent), in-process app p50 "
+        f"{app['latency']['p50_ms']:.2f} ms, HTTP floor (GET /health) p50 "
         f"{served['health_latency']['p50_ms']:.2f} ms, {served['batches']} batches in total"
     )
     burst = served["bursts"][len(served["bursts"]) // 2]
