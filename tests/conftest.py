@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +16,22 @@ from mlxpool.api import create_app
 from mlxpool.config import Settings, settings_from_dict
 from mlxpool.demo import build_tiny_bert, build_tiny_qwen3_embedding
 from mlxpool.pool import ModelPool
+
+
+@pytest.fixture(autouse=True)
+def collect_earlier_garbage() -> None:
+    """Free the last test's MLX arrays now, not during this test's loads, where they would skew measurements.
+
+    Start-up objects are frozen once, so these collections stay cheap.
+    """
+    if not gc.isenabled():
+        return
+    if gc.get_freeze_count() == 0:
+        import mlx_embeddings.utils  # noqa: F401  (its import pulls in transformers: freeze that too)
+
+        gc.collect()
+        gc.freeze()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -335,3 +335,12 @@ async def test_a_model_loaded_without_a_request_starts_its_idle_timer(make_pool:
     clock(pool).advance(61)
     await settle(pool)
     assert state(pool, "a") is ModelState.ABSENT
+
+
+async def test_unload_of_a_model_in_use_past_the_timeout_is_a_503(make_pool: PoolFactory) -> None:
+    loader = FakeLoader({"a": MB})
+    pool = make_pool({"a": {}}, loader, load_timeout=0.1)
+    async with pool.acquire("a"):
+        with pytest.raises(ServiceUnavailableError, match="still in use by 1 request"):
+            await pool.unload("a")
+    assert state(pool, "a") is ModelState.READY

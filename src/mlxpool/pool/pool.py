@@ -91,14 +91,21 @@ class ModelPool:
     async def unload(self, name: str) -> ModelEntry:
         """Unload a model once its current requests finish."""
         entry = self.resolve(name)
-        async with asyncio.timeout(self.server.load_timeout):
-            while entry.state is not ModelState.ABSENT and entry.state is not ModelState.FAILED:
-                if entry.transition is not None:
-                    await asyncio.shield(entry.transition)
-                elif entry.leases > 0:
-                    await self._wait_change()
-                else:
-                    await asyncio.shield(self._start_unload(entry))
+        try:
+            async with asyncio.timeout(self.server.load_timeout):
+                while entry.state is not ModelState.ABSENT and entry.state is not ModelState.FAILED:
+                    if entry.transition is not None:
+                        await asyncio.shield(entry.transition)
+                    elif entry.leases or entry.waiters:
+                        await self._wait_change()
+                    else:
+                        await asyncio.shield(self._start_unload(entry))
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                f"model {entry.spec.name!r} is still in use by {entry.leases} request(s) after "
+                f"{self.server.load_timeout:g} s; try again later",
+                retry_after=10,
+            ) from None
         return entry
 
     # --- start and stop ------------------------------------------------------------------------------------
