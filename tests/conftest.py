@@ -16,6 +16,7 @@ from mlxpool.api import create_app
 from mlxpool.config import Settings, settings_from_dict
 from mlxpool.demo import build_tiny_bert, build_tiny_qwen3_embedding
 from mlxpool.pool import ModelPool
+from mlxpool.worker import Worker
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +33,15 @@ def collect_earlier_garbage() -> None:
         gc.collect()
         gc.freeze()
     gc.collect()
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[Worker]:
+    """A started MLX worker thread, stopped after the test."""
+    w = Worker()
+    w.start()
+    yield w
+    w.stop()
 
 
 @pytest.fixture(scope="session")

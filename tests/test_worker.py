@@ -2,21 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 
 import mlx.core as mx
 import pytest
 
 from mlxpool.worker import Task, Worker
 from tests.fakes import FakeEngine
-
-
-@pytest.fixture
-async def worker() -> AsyncIterator[Worker]:
-    w = Worker()
-    w.start()
-    yield w
-    w.stop()
 
 
 async def test_call_runs_on_the_worker_thread(worker: Worker) -> None:
