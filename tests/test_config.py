@@ -129,3 +129,33 @@ def test_defaults_fall_back_to_the_first_model_of_a_kind(tmp_path: Path) -> None
     text = '[models.a]\nkind = "asr"\nrepo = "a/b"\n[models.b]\nkind = "asr"\nrepo = "c/d"\n'
     settings = load_settings(write(tmp_path, text), env={})
     assert settings.defaults()["asr"].name == "a"
+
+
+def test_candidates_pick_the_largest_model_the_machine_can_hold(tmp_path: Path) -> None:
+    text = """
+[models.chat]
+kind = "vision"
+candidates = [
+  { repo = "org/big", min_memory = "32GB" },
+  { repo = "org/small", kind = "chat", min_memory = "16GB" },
+]
+"""
+    settings = load_settings(write(tmp_path, text), env={})
+    big = settings.for_memory(64 * 2**30).models["chat"]
+    assert (big.repo, big.kind) == ("org/big", "vision")
+    small = settings.for_memory(16 * 2**30).models["chat"]
+    assert (small.repo, small.kind) == ("org/small", "chat")
+    assert settings.for_memory(8 * 2**30).models["chat"].repo == "org/small"  # nothing fits: the last one
+    assert settings.for_memory(16 * 2**30).name_table()["org/small"] == "chat"
+
+
+def test_shipped_config_picks_qwen3_14b_on_16gb_and_qwen35_on_32gb() -> None:
+    settings = load_settings(shipped_config_path(), env={})
+    assert settings.for_memory(16 * 2**30).models["chat"].repo == "mlx-community/Qwen3-14B-4bit"
+    assert settings.for_memory(32 * 2**30).models["chat"].repo == "mlx-community/Qwen3.5-35B-A3B-4bit"
+
+
+def test_candidates_and_a_source_together_are_an_error(tmp_path: Path) -> None:
+    text = '[models.m]\nkind = "chat"\nrepo = "a/b"\ncandidates = [{ repo = "c/d" }]\n'
+    with pytest.raises(ConfigError, match="models.m: Value error, give `candidates` or `repo`/`path`, not both"):
+        load_settings(write(tmp_path, text), env={})

@@ -84,6 +84,8 @@ class ServerSettings(BaseModel):
     """Upper bound of the growing failure cooldown, in seconds."""
     max_request_bytes: str | int = "100MB"
     """Largest request body accepted; larger ones get 413."""
+    progress_interval: float = Field(default=5.0, gt=0)
+    """Seconds between download progress lines in the log."""
     cache_dir: str = "~/.cache/mlxpool"
     """Where the demo profile writes its generated models."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -93,6 +95,28 @@ class ServerSettings(BaseModel):
     @property
     def max_request_size(self) -> int:
         return parse_size(self.max_request_bytes)
+
+
+class Candidate(BaseModel):
+    """One choice in a model's `candidates`: the first whose `min_memory` the machine has is used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str | None = None
+    path: str | None = None
+    revision: str | None = None
+    kind: Kind | None = None
+    """Overrides the model's kind (a text-only fallback for a vision model)."""
+    min_memory: str | int = 0
+    """Machine memory this candidate needs (`32GB`): unified memory on Apple silicon, GPU memory on CUDA."""
+
+    _size = field_validator("min_memory")(lambda v: _check_size(v))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Candidate:
+        if (self.repo is None) == (self.path is None):
+            raise ValueError("give exactly one of `repo` or `path`")
+        return self
 
 
 class ModelSpec(BaseModel):
@@ -107,6 +131,8 @@ class ModelSpec(BaseModel):
     path: str | None = None
     """A local model directory, used in place; relative paths are relative to the config file."""
     revision: str | None = None
+    download: bool = True
+    """Download the model on first use when it is not on disk; false: fail until `mlxpool download NAME`."""
     aliases: list[str] = Field(default_factory=list)
     preload: bool = False
     """Load at start-up, in the background; `/health/ready` waits for these."""
@@ -124,18 +150,32 @@ class ModelSpec(BaseModel):
     """Embedding: most padded tokens in one forward pass."""
     max_input_tokens: int | None = Field(default=None, ge=1)
     """Embedding: longest input in tokens; the model's own limit if unset."""
+    candidates: list[Candidate] = Field(default_factory=list)
+    """Instead of `repo`/`path`: choices by machine memory, largest first; the first that fits is served."""
 
     _reserve = field_validator("memory_reserve")(lambda v: v if v is None else _check_size(v))
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        if (self.repo is None) == (self.path is None):
-            raise ValueError("give exactly one of `repo` or `path`")
+        if self.candidates and (self.repo or self.path):
+            raise ValueError("give `candidates` or `repo`/`path`, not both")
+        if not self.candidates and (self.repo is None) == (self.path is None):
+            raise ValueError("give exactly one of `repo` or `path` (or a list of `candidates`)")
         return self
+
+    def for_memory(self, memory: int) -> ModelSpec:
+        """This model with its candidate for a machine of `memory` bytes chosen (the last one if none fits)."""
+        if not self.candidates:
+            return self
+        chosen = next((c for c in self.candidates if parse_size(c.min_memory) <= memory), self.candidates[-1])
+        source = {"repo": chosen.repo, "path": chosen.path, "revision": chosen.revision}
+        return self.model_copy(update={**source, "kind": chosen.kind or self.kind})
 
     @property
     def source(self) -> str:
-        return self.path if self.path is not None else str(self.repo)
+        if self.path is not None or self.repo is not None:
+            return str(self.path or self.repo)
+        return " | ".join(str(c.repo or c.path) for c in self.candidates)
 
 
 class Settings(BaseModel):
@@ -144,12 +184,33 @@ class Settings(BaseModel):
     source: str = "<defaults>"
     """The file these settings came from, for messages."""
 
+    def for_memory(self, memory: int) -> Settings:
+        """These settings with each model's candidate chosen for a machine of `memory` bytes."""
+        models = {name: spec.for_memory(memory) for name, spec in self.models.items()}
+        return self.model_copy(update={"models": models})
+
     def defaults(self) -> dict[Kind, ModelSpec]:
         """The default model of each kind: the one marked `default`, else the first of that kind."""
         chosen = {spec.kind: spec for spec in self.models.values() if spec.default}
         for spec in self.models.values():
             chosen.setdefault(spec.kind, spec)
         return chosen
+
+    def name_table(self) -> dict[str, str]:
+        """Every name a request may use → model name. Explicit names and aliases win over OpenAI's names."""
+        names: dict[str, str] = {}
+        defaults = self.defaults()
+        if "chat" not in defaults and "vision" in defaults:
+            defaults["chat"] = defaults["vision"]  # a vision-language model answers text chat too
+        for kind, spec in defaults.items():
+            for openai_name in OPENAI_ALIASES[kind]:
+                names[openai_name] = spec.name
+        for spec in self.models.values():
+            if spec.repo is not None:
+                names.setdefault(spec.repo, spec.name)
+            names.update({alias: spec.name for alias in spec.aliases})
+            names[spec.name] = spec.name
+        return names
 
 
 def shipped_config_path() -> Path:
@@ -197,8 +258,9 @@ def _spec(name: str, table: Any, file: Path) -> ModelSpec:
         spec = ModelSpec.model_validate({**table, "name": name})
     except ValidationError as exc:
         raise ConfigError(_describe(file, exc, f"models.{name}")) from None
-    if spec.path is not None and not Path(spec.path).expanduser().is_absolute():
-        spec.path = str((file.parent / spec.path).resolve())
+    for source in (spec, *spec.candidates):
+        if source.path is not None and not Path(source.path).expanduser().is_absolute():
+            source.path = str((file.parent / source.path).resolve())
     return spec
 
 

@@ -70,5 +70,33 @@ class ModelTooLargeError(ServiceUnavailableError):
     code = "model_too_large"
 
 
+class RepoNotFoundError(MlxpoolError):
+    """The model's repo does not exist on the hub (or is private and no token can see it)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "repo_not_found"
+
+
+class HubAuthError(ServiceUnavailableError):
+    """The repo is gated or needs a token the server does not have (HF_TOKEN)."""
+
+    code = "hub_unauthorized"
+
+
+class HubUnreachableError(ServiceUnavailableError):
+    code = "hub_unreachable"
+
+
+class DiskFullError(ServiceUnavailableError):
+    code = "disk_full"
+
+
+class NotDownloadedError(ServiceUnavailableError):
+    """The model is not on disk and its automatic download is switched off."""
+
+    code = "model_not_downloaded"
+
+
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file, model and field."""

@@ -29,6 +29,7 @@ def describe(entry: ModelEntry, now: float) -> dict[str, Any]:
         "failures": entry.failures,
         "error": entry.error,
         "retry_in": round(max(0.0, entry.retry_at - now), 1) if entry.state == "failed" else None,
+        "download": entry.progress.as_dict() if entry.progress is not None else None,
         "engine": entry.engine.describe() if entry.engine is not None else None,
     }
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 from collections.abc import AsyncIterator
 
-import mlx.core as mx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -21,6 +19,7 @@ from mlxpool.api.errors import EXCEPTION_HANDLERS
 from mlxpool.api.limits import BodyLimit
 from mlxpool.clock import Clock
 from mlxpool.config import Settings, parse_size
+from mlxpool.device import machine_memory, usable_memory
 from mlxpool.engines import Loader, load_engine
 from mlxpool.pool import ModelPool
 from mlxpool.worker import Worker
@@ -50,15 +49,6 @@ def routes() -> list[BaseRoute]:
     return table
 
 
-def device_memory() -> int:
-    """Bytes MLX can use on this device (worker only): Metal's recommended working set, else RAM."""
-    info = mx.device_info()
-    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
-        if info.get(key):
-            return int(info[key])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)
 
@@ -71,8 +61,9 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
         worker = Worker()
         worker.start()
         gc.freeze()  # start-up objects live forever: keep them out of every later full collection
-        budget = parse_size(settings.server.memory_budget, await worker.call(device_memory))
-        pool = ModelPool(settings, worker, budget, loader=loader, clock=clock)
+        budget = parse_size(settings.server.memory_budget, await worker.call(usable_memory))
+        machine = settings.for_memory(await worker.call(machine_memory))
+        pool = ModelPool(machine, worker, budget, loader=loader, clock=clock)
         app.state.pool = pool
         log.info("memory budget %.2f GiB; %d models configured", budget / 2**30, len(pool.entries))
         pool.start()

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxpool.clock import Clock, LoopClock
-from mlxpool.config import OPENAI_ALIASES, ServerSettings, Settings, human_bytes
+from mlxpool.config import ServerSettings, Settings, human_bytes
 from mlxpool.engines import Engine, Loader, load_engine
 from mlxpool.errors import (
     MemoryBudgetError,
@@ -23,9 +23,10 @@ from mlxpool.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelTooLargeError,
+    NotDownloadedError,
     ServiceUnavailableError,
 )
-from mlxpool.pool import sources
+from mlxpool.pool import downloads, sources
 from mlxpool.pool.eviction import Resident, choose_victims
 from mlxpool.pool.state import ModelEntry, ModelState
 from mlxpool.worker import Worker, release_memory
@@ -49,7 +50,7 @@ class ModelPool:
         self.loader = loader
         self.clock = clock or LoopClock()
         self.entries = {name: ModelEntry(spec) for name, spec in settings.models.items()}
-        self._names = _name_table(settings)
+        self._names = settings.name_table()
         self._changed = asyncio.Event()
         self._preloads: list[asyncio.Task[None]] = []
 
@@ -234,12 +235,30 @@ class ModelPool:
             self._start_unload(self.entries[name])
 
     async def _local_dir(self, entry: ModelEntry) -> Path:
-        path = await asyncio.to_thread(sources.cached_dir, entry.spec)
-        if path is None:
-            entry.state = ModelState.DOWNLOADING
-            log.info("downloading %s from %s", entry.spec.name, entry.spec.repo)
-            path = await asyncio.to_thread(sources.download, entry.spec)
-        return path
+        spec = entry.spec
+        path = await asyncio.to_thread(sources.cached_dir, spec)
+        if path is not None:
+            return path
+        if not spec.download:
+            raise NotDownloadedError(
+                f"model {spec.name!r} is not downloaded and its automatic download is off; "
+                f"run: mlxpool download {spec.name}",
+                retry_after=60,
+            )
+        entry.state = ModelState.DOWNLOADING
+        entry.progress = downloads.Progress()
+        reporter = asyncio.create_task(self._report_download(entry, entry.progress))
+        try:
+            return await asyncio.to_thread(downloads.download, spec, entry.progress)
+        finally:
+            reporter.cancel()
+            log.info("downloading %s: %s", spec.name, entry.progress.line())
+            entry.progress = None
+
+    async def _report_download(self, entry: ModelEntry, progress: downloads.Progress) -> None:
+        while True:
+            await asyncio.sleep(self.server.progress_interval)
+            log.info("downloading %s: %s", entry.spec.name, progress.line())
 
     async def _reserve(self, entry: ModelEntry) -> None:
         """Make room for `entry.estimate` bytes, evicting idle models LRU, then count them as LOADING."""
@@ -274,7 +293,7 @@ class ModelPool:
         entry.error = str(exc) or type(exc).__name__
         log.error("model %s failed to load (attempt %d): %s", entry.spec.name, entry.failures, entry.error)
         await self.worker.call(release_memory)
-        if isinstance(exc, MlxpoolError) and not isinstance(exc, ServiceUnavailableError):
+        if isinstance(exc, MlxpoolError):  # a distinct cause (repo not found, no disk...): keep it
             exc.retry_after = cooldown
             return exc
         return ModelLoadError(f"model {entry.spec.name!r} failed to load: {entry.error}", retry_after=cooldown)
@@ -341,20 +360,3 @@ def _free(engine: Engine, size: int) -> int:
     before = mx.get_active_memory()
     engine.close()
     return release_memory(target=before - size)
-
-
-def _name_table(settings: Settings) -> dict[str, str]:
-    """Every name a request may use → model name. Explicit names and aliases win over OpenAI's names."""
-    names: dict[str, str] = {}
-    defaults = settings.defaults()
-    if "chat" not in defaults and "vision" in defaults:
-        defaults["chat"] = defaults["vision"]  # a vision-language model answers text chat too
-    for kind, spec in defaults.items():
-        for openai_name in OPENAI_ALIASES[kind]:
-            names[openai_name] = spec.name
-    for spec in settings.models.values():
-        if spec.repo is not None:
-            names.setdefault(spec.repo, spec.name)
-        names.update({alias: spec.name for alias in spec.aliases})
-        names[spec.name] = spec.name
-    return names

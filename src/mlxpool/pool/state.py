@@ -10,6 +10,7 @@ from mlxpool.clock import Timer
 from mlxpool.config import ModelSpec
 from mlxpool.engines import Engine
 from mlxpool.errors import MlxpoolError
+from mlxpool.pool.downloads import Progress
 
 
 class ModelState(StrEnum):
@@ -39,6 +40,8 @@ class ModelEntry:
     """Bytes MLX allocated while loading, measured on the worker."""
     transition: asyncio.Task[MlxpoolError | None] | None = None
     """The load or unload in flight; every state change after the first goes through it (single flight)."""
+    progress: Progress | None = None
+    """Bytes done of the download in flight (state `downloading`)."""
     timer: Timer | None = None
     failures: int = 0
     retry_at: float = 0.0
