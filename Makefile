@@ -7,8 +7,8 @@ venv:
 	python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'
 
 lint:
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff format --check src tests bench scripts
 
 types:
 	$(PY) -m mypy src tests

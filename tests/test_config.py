@@ -157,5 +157,5 @@ def test_shipped_config_picks_qwen3_14b_on_16gb_and_qwen35_on_32gb() -> None:
 
 def test_candidates_and_a_source_together_are_an_error(tmp_path: Path) -> None:
     text = '[models.m]\nkind = "chat"\nrepo = "a/b"\ncandidates = [{ repo = "c/d" }]\n'
-    with pytest.raises(ConfigError, match="models.m: Value error, give `candidates` or `repo`/`path`, not both"):
+    with pytest.raises(ConfigError, match=r"models\.m: Value error, give `candidates` or `repo`/`path`, not both"):
         load_settings(write(tmp_path, text), env={})

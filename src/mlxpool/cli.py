@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
 
-from mlxpool.config import Settings, load_settings, settings_from_dict
-from mlxpool.errors import ConfigError
+from mlxpool.config import ModelSpec, Settings, human_bytes, load_settings, parse_size, settings_from_dict
+from mlxpool.errors import ConfigError, MlxpoolError
+from mlxpool.pool.downloads import DownloadPlan, Progress
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 
@@ -51,6 +54,16 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("health", parents=[client], help="exit 0 when the server is ready").set_defaults(
         func=cmd_health
     )
+    offline = argparse.ArgumentParser(add_help=False)
+    offline.add_argument("--config", help="models.toml to use (default: $MLXPOOL_CONFIG, else the shipped one)")
+    download = commands.add_parser("download", parents=[offline], help="fetch models from the hub now")
+    download.add_argument("names", nargs="*", metavar="NAME", help="models (names or aliases) to fetch")
+    download.add_argument("--all", action="store_true", help="every configured model")
+    download.add_argument("--dry-run", action="store_true", help="show what would be fetched, fetch nothing")
+    download.set_defaults(func=cmd_download, url=None)
+    models = commands.add_parser("models", parents=[offline], help="configured models: size, on disk, fits")
+    models.set_defaults(func=cmd_models, url=None)
+
     for verb in ("load", "unload"):
         sub = commands.add_parser(verb, parents=[client], help=f"{verb} a model now")
         sub.add_argument("name")
@@ -91,6 +104,120 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def machine_settings(args: argparse.Namespace) -> Settings:
+    from mlxpool.device import machine_memory
+
+    return load_settings(args.config).for_memory(machine_memory())
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from mlxpool.pool.downloads import download
+
+    settings = machine_settings(args)
+    specs = chosen_models(settings, args.names, args.all)
+    plans, failed = plan_downloads(specs)
+    if args.dry_run or not plans:
+        return 1 if failed else 0
+    for name, todo in plans.items():
+        spec = settings.models[name]
+        initial = todo.total - todo.missing
+        with tqdm(total=todo.total, initial=initial, unit="B", unit_scale=True, desc=name, file=sys.stdout) as bar:
+            try:
+                download(spec, Progress(on_update=bar.update), todo)
+            except MlxpoolError as exc:
+                failed[name] = exc.message
+    ok = [name for name in plans if name not in failed]
+    print(f"downloaded: {', '.join(ok) or 'nothing'}")
+    for name, why in failed.items():
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def chosen_models(settings: Settings, names: list[str], every: bool) -> list[ModelSpec]:
+    if every:
+        return list(settings.models.values())
+    if not names:
+        raise SystemExit("mlxpool download: name the models to fetch, or give --all")
+    table = settings.name_table()
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"mlxpool download: unknown model(s): {', '.join(unknown)}; see `mlxpool models`")
+    return [settings.models[table[n]] for n in dict.fromkeys(names)]
+
+
+def plan_downloads(specs: list[ModelSpec]) -> tuple[dict[str, DownloadPlan], dict[str, str]]:
+    """Ask the hub what each model needs; print it with the total and the free disk."""
+    from huggingface_hub import constants
+
+    from mlxpool.pool.downloads import plan
+
+    plans: dict[str, DownloadPlan] = {}
+    failed: dict[str, str] = {}
+    rows = [("MODEL", "SOURCE", "FILES", "SIZE", "TO FETCH")]
+    for spec in specs:
+        if spec.path is not None:
+            rows.append((spec.name, spec.path, "-", "local", "0 B"))
+            continue
+        try:
+            todo = plan(spec)
+        except MlxpoolError as exc:
+            failed[spec.name] = exc.message
+            rows.append((spec.name, spec.source, "?", "?", "failed"))
+            continue
+        rows.append((spec.name, spec.source, str(len(todo.files)), human_bytes(todo.total), human_bytes(todo.missing)))
+        plans[spec.name] = todo
+    print(table(rows))
+    cache = Path(constants.HF_HUB_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    missing = sum(p.missing for p in plans.values())
+    print(f"to fetch: {human_bytes(missing)}; free in {cache}: {human_bytes(shutil.disk_usage(cache).free)}")
+    for name, why in failed.items():
+        print(f"cannot plan {name}: {why}", file=sys.stderr)
+    return plans, failed
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mlxpool.device import usable_memory
+    from mlxpool.pool import sources
+
+    settings = machine_settings(args)
+    budget = parse_size(settings.server.memory_budget, usable_memory())
+    rows = [("MODEL", "KIND", "SOURCE", "ON DISK", "ESTIMATE", "FITS")]
+    for spec in settings.models.values():
+        on_disk, estimate = model_disk_state(spec)
+        fits = "?" if estimate is None else "yes" if estimate <= budget else "no"
+        rows.append((spec.name, spec.kind, spec.source, on_disk, human_bytes(estimate), fits))
+    print(table(rows))
+    print(
+        f"memory budget: {human_bytes(budget)} ({settings.server.memory_budget}); estimates are weights from "
+        f"safetensors headers plus a per-kind reserve ({human_bytes(sources.KIND_RESERVE['embedding'])} for "
+        "embeddings up to 2 GiB for chat)"
+    )
+    return 0
+
+
+def model_disk_state(spec: ModelSpec) -> tuple[str, int | None]:
+    """("yes" | "no" | "partial" | "local" | "missing", estimate in bytes or None when it cannot be had)."""
+    from mlxpool.pool import downloads, sources
+
+    try:
+        path = sources.cached_dir(spec)
+    except FileNotFoundError:
+        return "missing", None
+    if path is not None:
+        return "local" if spec.path else "yes", sources.estimate_bytes(spec, path)
+    partial = downloads.has_partial(spec)
+    try:
+        return ("partial" if partial else "no"), sources.remote_weights_bytes(spec) + sources.reserve_bytes(spec)
+    except MlxpoolError:
+        return ("partial" if partial else "no"), None
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = httpx.get(f"{args.url}/admin/models", timeout=10).raise_for_status().json()
     print(format_status(status))
@@ -100,13 +227,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_status(status: dict[str, Any]) -> str:
     rows = [("MODEL", "KIND", "STATE", "LEASES", "MEMORY", "IDLE", "NOTE")]
     for m in status["models"]:
-        memory = _gib(m["measured_bytes"]) if m["measured_bytes"] is not None else _gib(m["estimated_bytes"], "~")
+        measured, estimated = m["measured_bytes"], m["estimated_bytes"]
+        memory = human_bytes(measured) if measured is not None else "~" + human_bytes(estimated) if estimated else "-"
         idle = "-" if m["idle_seconds"] is None else f"{m['idle_seconds']:.0f}s"
-        rows.append((m["name"], m["kind"], m["state"], str(m["leases"]), memory, idle, m["error"] or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
-    lines.append(f"memory: {_gib(status['used_bytes'])} of {_gib(status['budget_bytes'])} budget in use")
-    return "\n".join(line.rstrip() for line in lines)
+        note = m["error"] or ""
+        if m.get("download"):
+            done, total = m["download"]["done_bytes"], m["download"]["total_bytes"]
+            note = f"downloading {done / max(total, 1):.0%} of {human_bytes(total)}"
+        rows.append((m["name"], m["kind"], m["state"], str(m["leases"]), memory, idle, note))
+    budget = f"memory: {human_bytes(status['used_bytes'])} of {human_bytes(status['budget_bytes'])} budget in use"
+    return table(rows) + "\n" + budget
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -123,7 +253,3 @@ def cmd_load_unload(args: argparse.Namespace) -> int:
         return 1
     print(f"{body['name']}: {body['state']}")
     return 0
-
-
-def _gib(n: int | None, prefix: str = "") -> str:
-    return "-" if not n else f"{prefix}{n / 2**30:.2f} GiB" if n >= 2**28 else f"{prefix}{n / 2**20:.1f} MiB"

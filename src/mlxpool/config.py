@@ -258,7 +258,8 @@ def _spec(name: str, table: Any, file: Path) -> ModelSpec:
         spec = ModelSpec.model_validate({**table, "name": name})
     except ValidationError as exc:
         raise ConfigError(_describe(file, exc, f"models.{name}")) from None
-    for source in (spec, *spec.candidates):
+    sources: list[ModelSpec | Candidate] = [spec, *spec.candidates]
+    for source in sources:
         if source.path is not None and not Path(source.path).expanduser().is_absolute():
             source.path = str((file.parent / source.path).resolve())
     return spec

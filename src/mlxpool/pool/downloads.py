@@ -37,6 +37,21 @@ COMPLETE = ".mlxpool-complete"
 DISK_MARGIN = 512 * 2**20
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of the HTTP client huggingface_hub uses (httpx2 since 2.x, httpx before)."""
+    errors: list[type[BaseException]] = [httpx.TransportError, ConnectionError]
+    try:
+        import httpx2
+
+        errors.append(httpx2.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+TRANSPORT_ERRORS = _transport_errors()
+
+
 @dataclass
 class FilePlan:
     name: str
@@ -107,6 +122,12 @@ def snapshot_dir(spec: ModelSpec) -> Path | None:
     return path if (path / COMPLETE).exists() or constants.HF_HUB_OFFLINE else None
 
 
+def has_partial(spec: ModelSpec) -> bool:
+    """Whether some of the model's files are in the cache already (an interrupted or unfinished download)."""
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{str(spec.repo).replace('/', '--')}"
+    return folder.is_dir() and any(folder.glob("blobs/*"))
+
+
 def plan(spec: ModelSpec) -> DownloadPlan:
     """Which of the model's files exist, how big, and which are already cached (asks the hub)."""
     with hub_errors(spec):
@@ -175,7 +196,7 @@ def _translate(spec: ModelSpec, exc: BaseException) -> MlxpoolError | None:
         )
     if isinstance(exc, RepositoryNotFoundError | RevisionNotFoundError):
         return RepoNotFoundError(f"{repo} was not found on the hub ({constants.ENDPOINT})", param="model")
-    if isinstance(exc, OfflineModeIsEnabled | LocalEntryNotFoundError | httpx.TransportError | ConnectionError):
+    if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError, *TRANSPORT_ERRORS)):
         return HubUnreachableError(
             f"cannot download {repo}: the hub ({constants.ENDPOINT}) is unreachable or HF_HUB_OFFLINE is set "
             f"({type(exc).__name__}: {exc})",
@@ -186,10 +207,10 @@ def _translate(spec: ModelSpec, exc: BaseException) -> MlxpoolError | None:
     return None
 
 
-def _reporter(progress: Progress) -> type[tqdm]:  # type: ignore[type-arg]
+def _reporter(progress: Progress) -> type[tqdm]:
     """A tqdm class that forwards byte counts to `progress` and prints nothing."""
 
-    class Reporter(tqdm):  # type: ignore[type-arg]
+    class Reporter(tqdm):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
