@@ -1,8 +1,10 @@
 """Fetching a model's files from the Hugging Face hub, with progress, disk checks and distinct errors.
 
 Everything here blocks (HTTP, disk): the pool runs it in a thread, the CLI calls it directly. huggingface_hub
-does the transfer and its cache conventions (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE):
-files land as `.incomplete` blobs, resume from where they stopped, and appear in the snapshot only when whole.
+does the transfer and its cache conventions (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE).
+Files are fetched one by one, so an interrupted download keeps every file it finished and the next attempt
+fetches only the rest; within a file, huggingface_hub 2.x retries a dropped connection itself, resuming from the
+last 10 MiB chunk it received. A file appears in the snapshot only when whole.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import httpx
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
+    DryRunError,
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -186,6 +189,9 @@ class hub_errors:
 
 
 def _translate(spec: ModelSpec, exc: BaseException) -> MlxpoolError | None:
+    # A dry run wraps the hub's error (DryRunError from RepositoryNotFoundError...): look down the chain.
+    while isinstance(exc, DryRunError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     repo = f"repo {spec.repo!r} (model {spec.name!r})"
     if isinstance(exc, GatedRepoError) or (
         isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403)
@@ -214,9 +220,6 @@ def _reporter(progress: Progress) -> type[tqdm]:
         def __init__(self, *args: Any, **kwargs: Any):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
-            resumed = int(kwargs.get("initial") or 0)  # bytes of a partial file from an earlier attempt
-            progress.resumed_from += resumed
-            progress.add(resumed)
 
         def update(self, n: float | None = 1) -> bool | None:
             progress.add(int(n or 0))

@@ -1,0 +1,218 @@
+"""Getting models from a hub: a fake one on loopback (tests/fakehub.py) serving a tiny generated model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlxpool.cli import main
+from mlxpool.pool import downloads
+from tests.conftest import Served, ServeFactory, make_settings
+from tests.fakehub import FakeHub, fast_resume, go_offline, use_fake_hub
+
+REPO = "org/tiny-bert"
+
+
+@pytest.fixture
+def hub(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    files = {f.name: f.read_bytes() for f in tiny_models["bert"].iterdir()}
+    files["pytorch_model.bin"] = b"not needed by MLX backends"
+    with FakeHub({REPO: files, "org/gated": files}, gated=["org/gated"], token="secret") as fake:
+        use_fake_hub(monkeypatch, fake, tmp_path / "hub-cache")
+        yield fake
+
+
+def model(repo: str = REPO, **options: Any) -> dict[str, Any]:
+    return {"kind": "embedding", "repo": repo, "memory_reserve": "16MB", **options}
+
+
+@pytest.fixture
+async def served(serve: ServeFactory, hub: FakeHub) -> AsyncIterator[Served]:
+    settings = make_settings(
+        {
+            "tiny": model(),
+            "missing": model("org/missing"),
+            "gated": model("org/gated"),
+            "manual": model("org/manual", download=False),
+        },
+        failure_cooldown=0,
+    )
+    async with serve(settings) as s:
+        yield s
+
+
+async def embed(s: Served, name: str) -> Any:
+    return await s.http.post("/v1/embeddings", json={"model": name, "input": "hello"})
+
+
+async def test_first_request_downloads_the_model_then_loads_it(served: Served, hub: FakeHub) -> None:
+    response = await embed(served, "tiny")
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"][0]["embedding"]) == 32
+    assert hub.file_gets("model.safetensors") == [None]
+    assert hub.file_gets("pytorch_model.bin") == []  # only what MLX backends read
+    snapshot = downloads.snapshot_dir(served.pool.entries["tiny"].spec)
+    assert snapshot is not None and (snapshot / downloads.COMPLETE).exists()
+
+
+async def test_concurrent_requests_share_one_download(served: Served, hub: FakeHub) -> None:
+    responses = await asyncio.gather(*(embed(served, "tiny") for _ in range(8)))
+    assert {r.status_code for r in responses} == {200}
+    assert hub.file_gets("model.safetensors") == [None]
+    assert hub.file_gets("config.json") == [None]
+
+
+async def test_progress_shows_in_the_admin_api(served: Served, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    gate = threading.Event()
+
+    def slow(repo: str, filename: str, **kwargs: Any) -> Any:
+        if filename == "vocab.txt":  # fetched last: everything before it is counted
+            gate.wait(10)
+        return huggingface_hub.hf_hub_download(repo, filename, **kwargs)
+
+    monkeypatch.setattr(downloads, "hf_hub_download", slow)
+    request = asyncio.create_task(embed(served, "tiny"))
+    for _ in range(200):
+        status = (await served.http.get("/admin/models")).json()["models"][0]
+        if status["download"] and status["download"]["done_bytes"] > 0:
+            break
+        await asyncio.sleep(0.02)
+    assert status["state"] == "downloading"
+    progress = status["download"]
+    assert 0 < progress["done_bytes"] < progress["total_bytes"]
+    assert progress["total_bytes"] == sum(len(v) for k, v in hub.repos[REPO].items() if k != "pytorch_model.bin")
+    gate.set()
+    assert (await request).status_code == 200
+    assert (await served.http.get("/admin/models")).json()["models"][0]["download"] is None
+
+
+async def test_a_dropped_connection_resumes_within_the_file(
+    served: Served, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast_resume(monkeypatch)  # 1 KiB chunks instead of 10 MiB, no 1 s pause before the retry
+    hub.cut_after["model.safetensors"] = 5000
+    response = await embed(served, "tiny")
+    assert response.status_code == 200, response.text
+    assert hub.file_gets("model.safetensors") == [None, "bytes=4096-"]
+
+
+async def test_an_interrupted_download_keeps_the_files_it_finished(
+    served: Served, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast_resume(monkeypatch)
+    hub.cut_after["model.safetensors"] = 1000
+    hub.cut_times["model.safetensors"] = 6  # more than huggingface_hub's own retries
+    failed = await embed(served, "tiny")
+    assert failed.status_code == 503 and failed.json()["error"]["code"] == "hub_unreachable"
+    assert served.pool.entries["tiny"].state == "failed"
+    assert downloads.snapshot_dir(served.pool.entries["tiny"].spec) is None  # never loaded half-downloaded
+    ok = await embed(served, "tiny")  # cooldown 0: the next request tries again
+    assert ok.status_code == 200, ok.text
+    assert hub.file_gets("config.json") == [None]  # finished before the failure: not fetched again
+    assert len(hub.file_gets("model.safetensors")) == 7
+
+
+async def test_unknown_repo_is_a_404(served: Served) -> None:
+    response = await embed(served, "missing")
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "repo_not_found" and "org/missing" in error["message"]
+
+
+async def test_gated_repo_names_hf_token(served: Served) -> None:
+    response = await embed(served, "gated")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "hub_unauthorized" and "HF_TOKEN" in error["message"]
+
+
+async def test_gated_repo_downloads_with_the_token(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent")
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    response = await embed(served, "gated")
+    assert response.status_code == 200, response.text
+
+
+async def test_not_enough_disk_fails_before_fetching(
+    served: Served, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
+    response = await embed(served, "tiny")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "disk_full" and "free" in error["message"]
+    assert hub.file_gets("model.safetensors") == []
+
+
+async def test_a_model_with_download_off_says_how_to_fetch_it(served: Served) -> None:
+    response = await embed(served, "manual")
+    assert response.status_code == 503
+    assert "mlxpool download manual" in response.json()["error"]["message"]
+
+
+async def test_offline_mode_uses_the_warm_cache(
+    serve: ServeFactory, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings({"tiny": model()})
+    async with serve(settings) as s:
+        assert (await embed(s, "tiny")).status_code == 200
+    seen = len(hub.requests)
+    go_offline(monkeypatch)
+    async with serve(settings) as s:
+        assert (await embed(s, "tiny")).status_code == 200
+    assert len(hub.requests) == seen
+
+
+def test_cli_download_prints_the_plan_then_fetches_and_skips_what_is_there(
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[models.tiny]\nkind = "embedding"\nrepo = "{REPO}"\n[models.other]\nkind = "asr"\nrepo = "org/missing"\n'
+    )
+    assert main(["download", "tiny", "--dry-run", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and REPO in out and "to fetch:" in out
+    assert hub.file_gets("model.safetensors") == []
+
+    assert main(["download", "tiny", "--config", str(config)]) == 0
+    assert "downloaded: tiny" in capsys.readouterr().out
+    assert hub.file_gets("model.safetensors") == [None]
+
+    assert main(["download", "tiny", "--config", str(config)]) == 0
+    assert "to fetch: 0 B" in capsys.readouterr().out
+    assert hub.file_gets("model.safetensors") == [None]
+
+    assert main(["download", "--all", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert "org/missing" in captured.err and "not found" in captured.err
+
+
+def test_cli_models_lists_disk_state_estimate_and_fit(
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[server]\nmemory_budget = "1GB"\n'
+        f'[models.tiny]\nkind = "embedding"\nrepo = "{REPO}"\nmemory_reserve = "1MB"\n'
+        f'[models.huge]\nkind = "embedding"\nrepo = "{REPO}"\nmemory_reserve = "2GB"\n'
+    )
+    assert main(["models", "--config", str(config)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert rows["tiny"][3:] == ["no", "1.1", "MiB", "yes"]  # weights read remotely from the safetensors header
+    assert rows["huge"][-1] == "no"
+    assert main(["download", "tiny", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["models", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[3] == "yes"
