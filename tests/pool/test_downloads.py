@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -41,6 +44,7 @@ async def served(serve: ServeFactory, hub: FakeHub) -> AsyncIterator[Served]:
             "manual": model("org/manual", download=False),
         },
         failure_cooldown=0,
+        progress_interval=0.01,
     )
     async with serve(settings) as s:
         yield s
@@ -67,7 +71,10 @@ async def test_concurrent_requests_share_one_download(served: Served, hub: FakeH
     assert hub.file_gets("config.json") == [None]
 
 
-async def test_progress_shows_in_the_admin_api(served: Served, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_progress_shows_in_the_admin_api_and_the_log(
+    served: Served, hub: FakeHub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mlxpool")
     import huggingface_hub
 
     gate = threading.Event()
@@ -88,9 +95,14 @@ async def test_progress_shows_in_the_admin_api(served: Served, hub: FakeHub, mon
     progress = status["download"]
     assert 0 < progress["done_bytes"] < progress["total_bytes"]
     assert progress["total_bytes"] == sum(len(v) for k, v in hub.repos[REPO].items() if k != "pytorch_model.bin")
+    await asyncio.sleep(0.05)
     gate.set()
     assert (await request).status_code == 200
     assert (await served.http.get("/admin/models")).json()["models"][0]["download"] is None
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloading tiny:")]
+    line = re.compile(r"downloading tiny: \d+% [\d.]+/[\d.]+ GB \d+ MB/s eta \S+")
+    assert lines and all(line.fullmatch(x) for x in lines)
+    assert lines[-1].startswith("downloading tiny: 100%")
 
 
 async def test_a_dropped_connection_resumes_within_the_file(
@@ -216,3 +228,23 @@ def test_cli_models_lists_disk_state_estimate_and_fit(
     capsys.readouterr()
     assert main(["models", "--config", str(config)]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[3] == "yes"
+
+
+def test_download_script_is_the_cli(hub: FakeHub, tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text(f'[models.tiny]\nkind = "embedding"\nrepo = "{REPO}"\n')
+    script = Path(__file__).parents[2] / "scripts" / "download_models.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--all", "--config", str(config)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "downloaded: tiny" in result.stdout and hub.file_gets("model.safetensors") == [None]
+
+
+def test_weights_are_read_from_safetensors_headers(tiny_models: dict[str, Path]) -> None:
+    import mlx.core as mx
+
+    from mlxpool.pool.sources import weights_bytes
+
+    arrays = mx.load(str(tiny_models["bert"] / "model.safetensors"))
+    assert weights_bytes(tiny_models["bert"]) == sum(a.nbytes for a in arrays.values())
