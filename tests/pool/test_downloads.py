@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from mlxpool.cli import main
+from mlxpool.errors import RepoNotFoundError
 from mlxpool.pool import downloads
 from tests.conftest import Served, ServeFactory, make_settings
 from tests.fakehub import FakeHub, fast_resume, go_offline, use_fake_hub
@@ -249,3 +251,21 @@ def test_weights_are_read_from_safetensors_headers(tiny_models: dict[str, Path])
     arrays = mx.load(str(tiny_models["bert"] / "model.safetensors"))
     assert isinstance(arrays, dict)
     assert weights_bytes(tiny_models["bert"]) == sum(int(a.nbytes) for a in arrays.values())
+
+
+async def test_waiting_streams_get_status_lines_until_the_model_is_ready(
+    served: Served, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    def slow(repo: str, filename: str, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        return huggingface_hub.hf_hub_download(repo, filename, **kwargs)
+
+    monkeypatch.setattr(downloads, "hf_hub_download", slow)
+    lines = [line async for line in served.pool.wait_ready("tiny", interval=0.02)]
+    assert any(re.fullmatch(r"downloading tiny: \d+% .* eta \S+", line) for line in lines), lines
+    assert served.pool.entries["tiny"].state == "ready"
+    with pytest.raises(RepoNotFoundError):
+        async for _ in served.pool.wait_ready("missing", interval=0.02):
+            pass

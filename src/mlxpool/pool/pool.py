@@ -89,6 +89,22 @@ class ModelPool:
         await self._ready(entry, lease=False)
         return entry
 
+    async def wait_ready(self, name: str, interval: float) -> AsyncIterator[str]:
+        """Load a model, yielding a status line every `interval` seconds until it is ready.
+
+        For streaming routes, which send the lines as SSE comments (`: downloading NAME: 45% ...`) so clients
+        waiting on a cold model do not time out. Raises what loading raises.
+        """
+        entry = self.resolve(name)
+        loading = asyncio.ensure_future(self.load(name))
+        try:
+            while not (await asyncio.wait({loading}, timeout=interval))[0]:
+                progress = entry.progress
+                yield f"downloading {name}: {progress.line()}" if progress else f"{entry.state} {name}"
+            loading.result()
+        finally:
+            loading.cancel()
+
     async def unload(self, name: str) -> ModelEntry:
         """Unload a model once its current requests finish."""
         entry = self.resolve(name)
