@@ -145,7 +145,11 @@ class ModelSpec(BaseModel):
     memory_reserve: str | int | None = None
     """Bytes added to the weight files' size when estimating this model's memory; a per-kind default if unset."""
     max_batch_size: int = Field(default=32, ge=1)
-    """Embedding: most sequences in one forward pass."""
+    """Embedding: most sequences in one forward pass. Chat: most sequences decoding together."""
+    prefill_step_size: int = Field(default=512, ge=16)
+    """Chat: prompt tokens read per worker step, so a long prompt does not hold up other work."""
+    max_tokens: int = Field(default=2048, ge=1)
+    """Chat: completion length when a request gives no `max_tokens`."""
     max_batch_tokens: int = Field(default=8192, ge=1)
     """Embedding: most padded tokens in one forward pass."""
     max_input_tokens: int | None = Field(default=None, ge=1)

@@ -126,10 +126,71 @@ def build_tiny_qwen3_embedding(out: Path, **shape: Any) -> Path:
     return out
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_chat(out: Path) -> Path:
+    """A 2-layer Qwen3 causal LM with a byte-level BPE tokenizer and a ChatML template (mlx-lm layout)."""
+    from mlx_lm.models import qwen3
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],  # ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte can be encoded
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([*CORPUS, "Hello! How can I help you today?", "user assistant system"], trainer)
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "add_bos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 512,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
+    config = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
+    }
+    _seed()
+    _save(qwen3.Model(qwen3.ModelArgs.from_dict(config)), out, config)  # type: ignore[no-untyped-call]
+    _write_json(out / "generation_config.json", {"eos_token_id": 2})
+    return out
+
+
 # name -> (kind, builder); later kinds add their builders here.
 DEMO_MODELS = {
     "demo-embedding": ("embedding", build_tiny_qwen3_embedding),
     "demo-bert": ("embedding", build_tiny_bert),
+    "demo-chat": ("chat", build_tiny_chat),
 }
 
 

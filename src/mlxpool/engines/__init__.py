@@ -16,6 +16,10 @@ def load_engine(spec: ModelSpec, path: Path, worker: Worker) -> Task[Engine]:
         from mlxpool.engines.embedding import load_embedding
 
         return (yield from load_embedding(spec, path, worker))
+    if spec.kind == "chat":
+        from mlxpool.engines.chat import load_chat
+
+        return (yield from load_chat(spec, path, worker))
     raise UnsupportedKindError(f"model {spec.name!r}: kind {spec.kind!r} has no engine in this version")
 
 

@@ -10,22 +10,21 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlxpool.config import ModelSpec
+from mlxpool.engines.weights import materialize
 from mlxpool.errors import ContextLengthError, InvalidRequestError
 from mlxpool.worker import Task, Worker, deliver
 
 # Models whose pooled token is the last one: every sequence must end with the end-of-text token.
 LAST_TOKEN_POOLED = {"qwen3"}
-SLICE_BYTES = 128 * 2**20
 
 
 @dataclass(eq=False)
@@ -180,28 +179,10 @@ def load_embedding(spec: ModelSpec, path: Path, worker: Worker) -> Task[Embeddin
     from mlx_embeddings.utils import load
 
     model, tokenizer = load(str(path), lazy=True)
-    if mx.default_device() == mx.cpu:
-        model.set_dtype(mx.float32)  # half-precision matmuls are slow on the CPU backend
     yield
-    for arrays in weight_slices(model):
-        mx.eval(arrays)
-        yield
+    yield from materialize(model)
     config = json.loads((path / "config.json").read_text())
     return EmbeddingEngine(model, tokenizer, spec, config, worker)
-
-
-def weight_slices(model: Any, limit: int = SLICE_BYTES) -> Iterator[list[mx.array]]:
-    """The model's arrays in groups of about `limit` bytes."""
-    group: list[mx.array] = []
-    size = 0
-    for _, array in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())):
-        group.append(array)
-        size += array.nbytes
-        if size >= limit:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
 
 
 def batch_shape(rows: int, width: int, bucket: bool) -> tuple[int, int]:

@@ -1,0 +1,163 @@
+"""POST /v1/chat/completions and /v1/completions over the chat engine, streamed (SSE) or not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from mlxpool.api.disconnect import run_until_disconnect
+from mlxpool.api.errors import error_body, parse_body_or_raise
+from mlxpool.api.responses import ArrayJSONResponse
+from mlxpool.api.schemas import ChatRequest, CompletionRequest
+from mlxpool.engines.chat import ChatEngine, Delta, SamplingParams
+from mlxpool.errors import ContextLengthError, InvalidRequestError, MlxpoolError, UnsupportedKindError
+from mlxpool.pool import ModelPool
+
+COMMENT_INTERVAL = 2.0
+"""Seconds between `: loading MODEL` comment lines sent to a stream waiting for its model."""
+
+
+async def create_chat_completion(request: Request) -> Response:
+    body = await parse_body_or_raise(request, ChatRequest)
+    messages = [message.as_template_input() for message in body.messages]
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:
+        kwargs.setdefault("enable_thinking", body.reasoning_effort != "none")
+
+    async def prompt(engine: ChatEngine) -> list[int]:
+        return await asyncio.to_thread(_chat_prompt, engine, messages, kwargs)
+
+    return await _complete(request, body, prompt, chat=True)
+
+
+async def create_completion(request: Request) -> Response:
+    body = await parse_body_or_raise(request, CompletionRequest)
+    if isinstance(body.prompt, list) and len(body.prompt) != 1:
+        raise InvalidRequestError("this server takes one prompt per request", param="prompt")
+    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+
+    async def prompt(engine: ChatEngine) -> list[int]:
+        return list(await asyncio.to_thread(engine.tokenizer.encode, text))
+
+    return await _complete(request, body, prompt, chat=False)
+
+
+async def _complete(request: Request, body: ChatRequest | CompletionRequest, prompt: Any, chat: bool) -> Response:
+    pool: ModelPool = request.app.state.pool
+    entry = pool.resolve(body.model)
+    if entry.spec.kind not in ("chat", "vision"):
+        raise UnsupportedKindError(
+            f"model {entry.spec.name!r} is a {entry.spec.kind} model; this route needs a chat model", param="model"
+        )
+    if body.n != 1:
+        raise InvalidRequestError("n > 1 is not supported; send separate requests", param="n")
+    shape = _Shape(entry.spec.name, chat)
+    params = body.sampling(entry.spec.max_tokens)
+    if body.stream:
+        stream = _stream(pool, shape, prompt, params, body.include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    text, finish, usage = await run_until_disconnect(request, _collect(pool, shape, prompt, params))
+    return ArrayJSONResponse(shape.whole(text, finish, usage))
+
+
+async def _collect(
+    pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams
+) -> tuple[str, str, dict[str, int]]:
+    parts: list[str] = []
+    async with pool.acquire(shape.model) as engine:
+        assert isinstance(engine, ChatEngine)
+        tokens = await _checked_prompt(engine, prompt, params)
+        async for delta in engine.generate(tokens, params):
+            parts.append(delta.text)
+            last = delta
+    return "".join(parts), str(last.finish_reason), _usage(len(tokens), last)
+
+
+async def _stream(
+    pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams, include_usage: bool
+) -> AsyncIterator[bytes]:
+    try:
+        async for line in pool.wait_ready(shape.model, COMMENT_INTERVAL):
+            yield f": {line}\n\n".encode()
+        async with pool.acquire(shape.model) as engine:
+            assert isinstance(engine, ChatEngine)
+            tokens = await _checked_prompt(engine, prompt, params)
+            yield _sse(shape.chunk(None, "", first=True))
+            async for delta in engine.generate(tokens, params):
+                if delta.text or delta.finish_reason:
+                    yield _sse(shape.chunk(delta.finish_reason, delta.text))
+                last = delta
+        if include_usage:
+            yield _sse(shape.usage_chunk(_usage(len(tokens), last)))
+    except MlxpoolError as exc:  # the 200 is already sent: report the error in the stream, as OpenAI does
+        yield _sse(error_body(exc.message, exc.type, exc.param, exc.code))
+    yield b"data: [DONE]\n\n"
+
+
+async def _checked_prompt(engine: ChatEngine, prompt: Any, params: SamplingParams) -> list[int]:
+    tokens: list[int] = await prompt(engine)
+    limit = engine.context_length
+    if limit is not None and len(tokens) >= limit:
+        raise ContextLengthError(
+            f"the prompt is {len(tokens)} tokens; model {engine.spec.name!r} has a context of {limit} tokens",
+            param="messages",
+        )
+    return tokens
+
+
+def _chat_prompt(engine: ChatEngine, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
+    try:
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    except Exception as exc:  # the model's template rejected these messages (roles, order)
+        raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+    return list(engine.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _usage(prompt_tokens: int, last: Delta) -> dict[str, int]:
+    completion = last.completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class _Shape:
+    """OpenAI's response objects for one request: chat.completion(.chunk) or text_completion."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model = model
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            body = self._envelope("chat.completion", [choice])
+        else:
+            body = self._envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish}])
+        return {**body, "usage": usage}
+
+    def chunk(self, finish: str | None, text: str, first: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return self._envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish}])
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        if finish is not None and not text:
+            delta = {}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return self._envelope("chat.completion.chunk", [choice])
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._envelope(kind, []), "usage": usage}

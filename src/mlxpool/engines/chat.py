@@ -1,0 +1,199 @@
+"""Text generation over mlx-lm with continuous batching.
+
+Requests join and leave one shared `BatchGenerator`; each worker step is one `next()` of it: a decode step for
+every sequence in flight plus one bounded prefill chunk for those still reading their prompt. Text is
+detokenized and checked for stop strings on the worker, and each step's new text goes to the request's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlxpool.config import ModelSpec
+from mlxpool.engines.weights import materialize
+from mlxpool.worker import Task, Worker
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one sequence; the last one of a sequence carries its finish reason."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue[Delta]
+    detokenizer: Any
+    uid: int | None = None
+    cancelled: bool = False
+    tokens: int = 0
+    emitted: int = 0
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+
+
+class ChatEngine:
+    def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
+        from mlx_lm.generate import BatchGenerator
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.worker = worker
+        self.context_length = int(config.get("max_position_embeddings") or 0) or None
+        self.generator: Any = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+            completion_batch_size=spec.max_batch_size,
+            prefill_step_size=spec.prefill_step_size,
+        )
+        self._incoming: deque[Sequence] = deque()
+        self._active: dict[int, Sequence] = {}
+        self.steps = 0
+        self.generated_tokens = 0
+
+    # --- loop side -------------------------------------------------------------------------------------------
+
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncGenerator[Delta, None]:
+        """Stream the completion of `prompt`. Leaving early (client gone) drops the sequence at the next step."""
+        sequence = Sequence(prompt, params, asyncio.Queue(), self.tokenizer.detokenizer)
+        self._incoming.append(sequence)
+        self.worker.wake()
+        try:
+            while True:
+                delta = await sequence.queue.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            sequence.cancelled = True
+            self.worker.wake()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "active_sequences": len(self._active),
+            "queued_sequences": len(self._incoming),
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+        }
+
+    # --- worker side -----------------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self._incoming or self._active)
+
+    def step(self) -> None:
+        self._admit()
+        self._drop_cancelled()
+        if not self._active:
+            return
+        self.steps += 1
+        try:
+            _, responses = self.generator.next()
+        except Exception as exc:  # a failed step fails every sequence in it, the engine goes on
+            for sequence in self._active.values():
+                _send(sequence, Delta(f"[generation failed: {exc}]", "error", sequence.tokens))
+            self.generator.remove(list(self._active))
+            self._active.clear()
+            return
+        for response in responses:
+            if (active := self._active.get(response.uid)) is not None:
+                self._advance(active, response.token, response.finish_reason)
+
+    def close(self) -> None:
+        self.generator.close()
+        del self.generator, self.model
+
+    def _admit(self) -> None:
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        while self._incoming:
+            sequence = self._incoming.popleft()
+            if sequence.cancelled:
+                continue
+            p = sequence.params
+            if p.seed is not None:
+                mx.random.seed(p.seed)
+            sampler = make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
+            processors = make_logits_processors(
+                repetition_penalty=p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+            )
+            (uid,) = self.generator.insert(
+                [sequence.prompt], max_tokens=[p.max_tokens], samplers=[sampler], logits_processors=[processors]
+            )
+            sequence.uid = uid
+            self._active[uid] = sequence
+
+    def _drop_cancelled(self) -> None:
+        gone = [uid for uid, sequence in self._active.items() if sequence.cancelled]
+        if gone:
+            self.generator.remove(gone)
+            for uid in gone:
+                del self._active[uid]
+
+    def _advance(self, sequence: Sequence, token: int, finish: str | None) -> None:
+        sequence.tokens += 1
+        self.generated_tokens += 1
+        detokenizer = sequence.detokenizer
+        if finish != "stop":  # an end-of-sequence token is not text
+            detokenizer.add_token(token)
+        if finish is not None:  # the generator has already let go of this sequence
+            detokenizer.finalize()
+        text = detokenizer.text
+        end = len(text)
+        stops = sequence.params.stop
+        stop_at = min((i for s in stops if (i := text.find(s, max(0, sequence.emitted - len(s)))) >= 0), default=-1)
+        if stop_at >= 0:
+            if finish is None:
+                self.generator.remove([sequence.uid])
+            end, finish = stop_at, "stop"
+        elif finish is None and stops:
+            end -= max(len(s) for s in stops) - 1  # hold back what may be the start of a stop string
+        if finish is not None:
+            del self._active[sequence.uid]  # type: ignore[arg-type]
+        if end > sequence.emitted or finish is not None:
+            _send(sequence, Delta(text[sequence.emitted : max(end, sequence.emitted)], finish, sequence.tokens))
+            sequence.emitted = max(end, sequence.emitted)
+
+
+def _send(sequence: Sequence, delta: Delta) -> None:
+    sequence.loop.call_soon_threadsafe(sequence.queue.put_nowait, delta)
+
+
+def load_chat(spec: ModelSpec, path: Path, worker: Worker) -> Task[ChatEngine]:
+    """Load lazily with mlx-lm, then materialize the weights a slice per step."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(path), lazy=True)[:2]
+    yield
+    yield from materialize(model)
+    config = json.loads((path / "config.json").read_text())
+    return ChatEngine(model, tokenizer, spec, config, worker)

@@ -1,0 +1,165 @@
+"""/v1/chat/completions and /v1/completions on a tiny random-weight Qwen3 (outputs are gibberish: we test
+structure, lengths, stop handling and batching, not content)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from mlxpool.demo import build_tiny_chat
+from mlxpool.engines.chat import ChatEngine, SamplingParams
+from tests.conftest import Served, ServeFactory, make_settings
+
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat(tmp_path_factory.mktemp("tiny-chat") / "qwen3")
+
+
+@pytest.fixture
+async def served(serve: ServeFactory, tiny_chat: Path) -> AsyncIterator[Served]:
+    settings = make_settings(
+        {"chat": {"kind": "chat", "path": str(tiny_chat), "aliases": ["completions"], "memory_reserve": "16MB"}}
+    )
+    async with serve(settings) as s:
+        yield s
+
+
+def engine(s: Served) -> ChatEngine:
+    assert isinstance(s.pool.entries["chat"].engine, ChatEngine)
+    return s.pool.entries["chat"].engine
+
+
+async def greedy(s: Served, **kwargs: Any) -> Any:
+    return await s.openai.chat.completions.create(
+        model="chat", messages=HELLO, temperature=0, **{"max_tokens": 12, **kwargs}
+    )
+
+
+async def test_max_tokens_ends_with_length_and_counts_usage(served: Served) -> None:
+    response = await greedy(served, max_tokens=7)
+    choice = response.choices[0]
+    assert choice.finish_reason == "length" and choice.message.role == "assistant"
+    assert response.usage is not None and response.usage.completion_tokens == 7
+    prompt = "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    assert response.usage.prompt_tokens == len(engine(served).tokenizer.encode(prompt))
+    assert response.object == "chat.completion" and response.model == "chat"
+
+
+async def test_max_completion_tokens_is_honoured(served: Served) -> None:
+    response = await served.openai.chat.completions.create(model="chat", messages=HELLO, max_completion_tokens=3)
+    assert response.usage is not None and response.usage.completion_tokens == 3
+
+
+async def test_streaming_chunks_match_the_whole_answer(served: Served) -> None:
+    whole = await greedy(served)
+    stream = await served.openai.chat.completions.create(
+        model="chat", messages=HELLO, temperature=0, max_tokens=12, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_strings_end_the_answer_and_are_never_sent(served: Served, stream: bool) -> None:
+    full = (await greedy(served, max_tokens=16)).choices[0].message.content or ""
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = full[: full.find(stop)]
+    if stream:
+        chunks = await served.openai.chat.completions.create(
+            model="chat", messages=HELLO, temperature=0, max_tokens=16, stop=[stop, "never-there"], stream=True
+        )
+        parts = [c async for c in chunks]
+        text = "".join(c.choices[0].delta.content or "" for c in parts)
+        finish = [c.choices[0].finish_reason for c in parts if c.choices[0].finish_reason]
+        assert text == cut and finish == ["stop"]
+    else:
+        response = await greedy(served, max_tokens=16, stop=stop)
+        assert response.choices[0].message.content == cut and response.choices[0].finish_reason == "stop"
+
+
+async def test_the_same_seed_gives_the_same_sample(served: Served) -> None:
+    one = await served.openai.chat.completions.create(model="chat", messages=HELLO, max_tokens=10, seed=7)
+    two = await served.openai.chat.completions.create(model="chat", messages=HELLO, max_tokens=10, seed=7)
+    assert one.choices[0].message.content == two.choices[0].message.content
+
+
+async def test_concurrent_requests_share_decode_steps(served: Served) -> None:
+    await greedy(served, max_tokens=1)  # load
+    before = engine(served).describe()
+    results = await asyncio.gather(*(greedy(served, max_tokens=10) for _ in range(8)))
+    after = engine(served).describe()
+    assert all(r.usage is not None and r.usage.completion_tokens == 10 for r in results)
+    assert after["generated_tokens"] - before["generated_tokens"] == 80
+    assert after["steps"] - before["steps"] < 40  # one step decodes every sequence in flight
+    texts = {r.choices[0].message.content for r in results}
+    assert len(texts) == 1  # greedy: batching does not change the answer
+
+
+async def test_legacy_completions(served: Served) -> None:
+    response = await served.openai.completions.create(model="completions", prompt="hello", max_tokens=4)
+    assert response.object == "text_completion" and response.choices[0].finish_reason == "length"
+    assert response.usage is not None and response.usage.completion_tokens == 4
+    stream = await served.openai.completions.create(model="chat", prompt="hello", max_tokens=4, stream=True)
+    assert len([c async for c in stream]) >= 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "chat", "messages": HELLO, "n": 2}, 400, "n"),
+        ({"model": "chat", "messages": []}, 400, "messages"),
+        ({"model": "chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+        ({"model": "chat", "messages": HELLO, "temperature": 3}, 400, "temperature"),
+        ({"model": "chat", "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "chat", "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+        (
+            {"model": "chat", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "messages",
+        ),
+        ({"model": "nope", "messages": HELLO}, 404, "model"),
+    ],
+)
+async def test_bad_requests_get_openai_errors(served: Served, body: dict[str, Any], status: int, param: str) -> None:
+    response = await served.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+async def test_a_prompt_longer_than_the_context_is_a_400(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError, match="context of 512 tokens"):
+        await served.openai.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hello " * 600}], max_tokens=2
+        )
+
+
+async def test_a_client_that_leaves_frees_its_batch_slot(served: Served) -> None:
+    await greedy(served, max_tokens=1)
+    chat = engine(served)
+    prompt = chat.tokenizer.encode("hello")
+    stream = chat.generate(prompt, SamplingParams(max_tokens=500))
+    await anext(stream)
+    assert chat.describe()["active_sequences"] == 1
+    await stream.aclose()  # what a disconnect does to the route's generator
+    for _ in range(100):
+        if chat.describe()["active_sequences"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert chat.describe()["active_sequences"] == 0
+    assert chat.describe()["generated_tokens"] < 100
