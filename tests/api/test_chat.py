@@ -163,3 +163,76 @@ async def test_a_client_that_leaves_frees_its_batch_slot(served: Served) -> None
         await asyncio.sleep(0.01)
     assert chat.describe()["active_sequences"] == 0
     assert chat.describe()["generated_tokens"] < 100
+
+
+async def test_a_stream_waiting_for_a_cold_model_gets_comment_lines(
+    serve: ServeFactory, tiny_chat: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from mlxpool.api import chat as chat_api
+    from mlxpool.config import ModelSpec
+    from mlxpool.engines import Engine, load_engine
+    from mlxpool.worker import Task, Worker
+
+    def slow_load(spec: ModelSpec, path: Path, worker: Worker) -> Task[Engine]:
+        for _ in range(5):
+            time.sleep(0.03)
+            yield
+        return (yield from load_engine(spec, path, worker))
+
+    monkeypatch.setattr(chat_api, "COMMENT_INTERVAL", 0.02)
+    settings = make_settings({"chat": {"kind": "chat", "path": str(tiny_chat)}})
+    async with serve(settings, loader=slow_load) as s:
+        body = {"model": "chat", "messages": HELLO, "max_tokens": 3, "stream": True}
+        async with s.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+    comments = [line for line in lines if line.startswith(":")]
+    assert comments and comments[0] == ": loading chat"
+    assert lines[-1] == "data: [DONE]" and lines.index(comments[-1]) < lines.index(
+        next(x for x in lines if x.startswith("data:"))
+    )
+
+
+@pytest.fixture(scope="session")
+def thinking_chat(tiny_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a Qwen3-style template: it opens a thought unless `enable_thinking` is false."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("thinking") / "qwen3"
+    shutil.copytree(tiny_chat, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] += (
+        "{% if add_generation_prompt and (enable_thinking is not defined or enable_thinking) %}<think>\n{% endif %}"
+    )
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_reasoning_goes_to_reasoning_content_and_the_switch_reaches_the_template(
+    serve: ServeFactory, thinking_chat: Path, stream: bool
+) -> None:
+    settings = make_settings({"chat": {"kind": "chat", "path": str(thinking_chat)}})
+    async with serve(settings) as s:
+
+        async def ask(**extra: Any) -> tuple[str, str]:
+            kwargs: dict[str, Any] = {"model": "chat", "messages": HELLO, "max_tokens": 8, "temperature": 0, **extra}
+            if not stream:
+                message = (await s.openai.chat.completions.create(**kwargs)).choices[0].message
+                return getattr(message, "reasoning_content", None) or "", message.content or ""
+            chunks = [c async for c in await s.openai.chat.completions.create(stream=True, **kwargs)]
+            deltas = [c.choices[0].delta for c in chunks]
+            return (
+                "".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
+                "".join(d.content or "" for d in deltas),
+            )
+
+        # mlx-lm turns thinking on by default only for tokenizers with <think> tokens; this tiny one has none.
+        reasoning, content = await ask(extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        assert reasoning and content == ""  # random weights never close the thought in 8 tokens
+        reasoning, content = await ask(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert content and reasoning == ""
+        reasoning, content = await ask(reasoning_effort="none")
+        assert content and reasoning == ""

@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import error_body, parse_body_or_raise
+from mlxpool.api.reasoning import ReasoningSplitter, prompt_opens_thinking
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import ChatRequest, CompletionRequest
 from mlxpool.engines.chat import ChatEngine, Delta, SamplingParams
@@ -31,7 +33,7 @@ async def create_chat_completion(request: Request) -> Response:
     if body.reasoning_effort is not None:
         kwargs.setdefault("enable_thinking", body.reasoning_effort != "none")
 
-    async def prompt(engine: ChatEngine) -> list[int]:
+    async def prompt(engine: ChatEngine) -> Prompt:
         return await asyncio.to_thread(_chat_prompt, engine, messages, kwargs)
 
     return await _complete(request, body, prompt, chat=True)
@@ -43,8 +45,8 @@ async def create_completion(request: Request) -> Response:
         raise InvalidRequestError("this server takes one prompt per request", param="prompt")
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
 
-    async def prompt(engine: ChatEngine) -> list[int]:
-        return list(await asyncio.to_thread(engine.tokenizer.encode, text))
+    async def prompt(engine: ChatEngine) -> Prompt:
+        return Prompt(list(await asyncio.to_thread(engine.tokenizer.encode, text)), thinking=False)
 
     return await _complete(request, body, prompt, chat=False)
 
@@ -69,15 +71,20 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
 
 async def _collect(
     pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams
-) -> tuple[str, str, dict[str, int]]:
-    parts: list[str] = []
+) -> tuple[dict[str, str], str, dict[str, int]]:
+    reasoning: list[str] = []
+    content: list[str] = []
     async with pool.acquire(shape.model) as engine:
         assert isinstance(engine, ChatEngine)
         tokens = await _checked_prompt(engine, prompt, params)
-        async for delta in engine.generate(tokens, params):
-            parts.append(delta.text)
+        splitter = shape.splitter(tokens)
+        async for delta in engine.generate(tokens.ids, params):
+            r, c = splitter.feed(delta.text, final=delta.finish_reason is not None)
+            reasoning.append(r)
+            content.append(c)
             last = delta
-    return "".join(parts), str(last.finish_reason), _usage(len(tokens), last)
+    message = {"content": "".join(content), "reasoning_content": "".join(reasoning)}
+    return message, str(last.finish_reason), _usage(len(tokens.ids), last)
 
 
 async def _stream(
@@ -89,35 +96,44 @@ async def _stream(
         async with pool.acquire(shape.model) as engine:
             assert isinstance(engine, ChatEngine)
             tokens = await _checked_prompt(engine, prompt, params)
-            yield _sse(shape.chunk(None, "", first=True))
-            async for delta in engine.generate(tokens, params):
-                if delta.text or delta.finish_reason:
-                    yield _sse(shape.chunk(delta.finish_reason, delta.text))
+            splitter = shape.splitter(tokens)
+            yield _sse(shape.chunk(None, "", "", first=True))
+            async for delta in engine.generate(tokens.ids, params):
+                reasoning, content = splitter.feed(delta.text, final=delta.finish_reason is not None)
+                if reasoning or content or delta.finish_reason:
+                    yield _sse(shape.chunk(delta.finish_reason, content, reasoning))
                 last = delta
         if include_usage:
-            yield _sse(shape.usage_chunk(_usage(len(tokens), last)))
+            yield _sse(shape.usage_chunk(_usage(len(tokens.ids), last)))
     except MlxpoolError as exc:  # the 200 is already sent: report the error in the stream, as OpenAI does
         yield _sse(error_body(exc.message, exc.type, exc.param, exc.code))
     yield b"data: [DONE]\n\n"
 
 
-async def _checked_prompt(engine: ChatEngine, prompt: Any, params: SamplingParams) -> list[int]:
-    tokens: list[int] = await prompt(engine)
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    thinking: bool
+    """The chat template opened a `<think>` block: the model starts by reasoning."""
+
+
+async def _checked_prompt(engine: ChatEngine, prompt: Any, params: SamplingParams) -> Prompt:
+    tokens: Prompt = await prompt(engine)
     limit = engine.context_length
-    if limit is not None and len(tokens) >= limit:
+    if limit is not None and len(tokens.ids) >= limit:
         raise ContextLengthError(
-            f"the prompt is {len(tokens)} tokens; model {engine.spec.name!r} has a context of {limit} tokens",
+            f"the prompt is {len(tokens.ids)} tokens; model {engine.spec.name!r} has a context of {limit} tokens",
             param="messages",
         )
     return tokens
 
 
-def _chat_prompt(engine: ChatEngine, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
+def _chat_prompt(engine: ChatEngine, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> Prompt:
     try:
         text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     except Exception as exc:  # the model's template rejected these messages (roles, order)
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
-    return list(engine.tokenizer.encode(text, add_special_tokens=False))
+    return Prompt(list(engine.tokenizer.encode(text, add_special_tokens=False)), prompt_opens_thinking(text))
 
 
 def _usage(prompt_tokens: int, last: Delta) -> dict[str, int]:
@@ -127,6 +143,13 @@ def _usage(prompt_tokens: int, last: Delta) -> dict[str, int]:
 
 def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class _Plain:
+    """Legacy completions: no reasoning split."""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        return "", text
 
 
 class _Shape:
@@ -141,20 +164,28 @@ class _Shape:
     def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    def splitter(self, prompt: Prompt) -> ReasoningSplitter | _Plain:
+        return ReasoningSplitter(prompt.thinking) if self.chat else _Plain()
+
+    def whole(self, message: dict[str, str], finish: str, usage: dict[str, int]) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            body = self._envelope("chat.completion", [choice])
+            reply = {"role": "assistant", "content": message["content"]}
+            if message["reasoning_content"]:
+                reply["reasoning_content"] = message["reasoning_content"]
+            body = self._envelope("chat.completion", [{"index": 0, "message": reply, "finish_reason": finish}])
         else:
-            body = self._envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish}])
+            choice = {"index": 0, "text": message["content"], "finish_reason": finish}
+            body = self._envelope("text_completion", [choice])
         return {**body, "usage": usage}
 
-    def chunk(self, finish: str | None, text: str, first: bool = False) -> dict[str, Any]:
+    def chunk(self, finish: str | None, content: str, reasoning: str, first: bool = False) -> dict[str, Any]:
         if not self.chat:
-            return self._envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish}])
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        if finish is not None and not text:
-            delta = {}
+            return self._envelope("text_completion", [{"index": 0, "text": content, "finish_reason": finish}])
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if content:
+            delta["content"] = content
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
         return self._envelope("chat.completion.chunk", [choice])
 
