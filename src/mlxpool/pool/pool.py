@@ -146,6 +146,12 @@ class ModelPool:
         for entry in self.entries.values():
             self._cancel_timer(entry)
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Free every engine on the worker: MLX objects must not die later on another thread.
+        for entry in self.entries.values():
+            engine, entry.engine, entry.state = entry.engine, None, ModelState.ABSENT
+            if engine is not None:
+                self.worker.remove_engine(engine)
+                await self.worker.call(engine.close)
 
     # --- memory --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,251 @@
+"""Generation throughput: mlxpool's server against mlx-lm's own loops and mlx_lm.server, in one run.
+
+    python bench/chat.py --shape qwen3-0.6b        # random weights in Qwen3-0.6B's shape, bf16 (GPU)
+    python bench/chat.py --shape tiny              # the tiny demo chat model (CPU)
+
+Prompts of `--prompt-tokens` random words, `--new-tokens` generated (greedy), streamed through /v1/completions.
+Reports, per client count: aggregate generated tokens/s, TTFT p50/p99, failed requests; plus the raw
+BatchGenerator loop at the largest count and single-stream `stream_generate` decode speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+QWEN3_06B = {
+    "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+}  # fmt: skip
+
+
+def build_model(shape: str, root: Path) -> Path:
+    """A Qwen3 causal LM with random weights and a word-level tokenizer covering its whole vocabulary."""
+    if shape == "tiny":
+        from mlxpool.demo import build_tiny_chat
+
+        return build_tiny_chat(root / "tiny")
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = root / shape
+    path.mkdir(parents=True)
+    vocab = {f"w{i}": i for i in range(QWEN3_06B["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path / "tokenizer.json"))
+    eos = QWEN3_06B["vocab_size"] - 1
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"w{eos}", "model_max_length": 40960})
+    )
+    config = {"model_type": "qwen3", "rms_norm_eps": 1e-6, "rope_theta": 1e6, "eos_token_id": eos, **QWEN3_06B}
+    (path / "config.json").write_text(json.dumps(config))
+    mx.random.seed(0)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    weights = {k: v.astype(mx.bfloat16) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return path
+
+
+def prompts(n: int, length: int, vocab: int) -> list[str]:
+    rng = random.Random(0)
+    return [" ".join(f"w{rng.randrange(1, vocab - 1)}" for _ in range(length)) for _ in range(n)]
+
+
+def raw_batch_generator(path: Path, texts: list[str], new_tokens: int) -> dict[str, float]:
+    """mlx-lm's BatchGenerator driven directly: the ceiling for batched decoding of these prompts."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    model, tokenizer = load(str(path))[:2]
+    ids = [tokenizer.encode(t) for t in texts]
+
+    def run() -> tuple[int, float]:
+        generator = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids])
+        generator.insert(ids, max_tokens=[new_tokens] * len(ids))
+        start, tokens = time.perf_counter(), 0
+        while responses := generator.next_generated():
+            tokens += len(responses)
+        return tokens, time.perf_counter() - start
+
+    run()  # warm-up: kernels for these shapes
+    tokens, seconds = run()
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens}
+
+
+def single_stream(path: Path, text: str, new_tokens: int) -> dict[str, float]:
+    """mlx-lm's stream_generate decode speed for one sequence."""
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(path))[:2]
+    for _ in range(2):
+        last = None
+        for last in stream_generate(model, tokenizer, text, max_tokens=new_tokens):
+            pass
+    assert last is not None
+    return {"decode_tokens_per_s": last.generation_tps}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_up(url: str, process: subprocess.Popen[bytes], path: str) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {process.args}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{url} not up in 600 s")
+
+
+def start_mlxpool(path: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    config = workdir / "bench.toml"
+    config.write_text(
+        f'[server]\nports = [{port}]\nlog_level = "warning"\n'
+        f'[models.bench]\nkind = "chat"\npath = "{path}"\npreload = true\nmax_batch_size = 64\n'
+    )
+    process = subprocess.Popen([sys.executable, "-m", "mlxpool", "serve", "--config", str(config)])
+    wait_up(f"http://127.0.0.1:{port}", process, "/health/ready")
+    return process
+
+
+def start_mlx_lm_server(path: Path, port: int) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_lm.server",
+        "--model",
+        str(path),
+        "--port",
+        str(port),
+        "--log-level",
+        "WARNING",
+    ]
+    process = subprocess.Popen(command)
+    wait_up(f"http://127.0.0.1:{port}", process, "/v1/models")
+    return process
+
+
+async def one_stream(client: aiohttp.ClientSession, model: str, text: str, new_tokens: int) -> tuple[float, int]:
+    """(time to first token, tokens received) for one streamed completion."""
+    body = {"model": model, "prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    start, first, tokens = time.perf_counter(), None, 0
+    async with client.post("/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                tokens += 1
+                first = first or time.perf_counter() - start
+    return first or float("nan"), tokens
+
+
+async def load_test(port: int, model: str, texts: list[str], clients: int, new_tokens: int) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=1200)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout) as client:
+        await asyncio.gather(*(one_stream(client, model, t, 8) for t in texts[:clients]))  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(one_stream(client, model, t, new_tokens) for t in texts[:clients]), return_exceptions=True
+        )
+        seconds = time.perf_counter() - start
+    done = [r for r in results if isinstance(r, tuple)]
+    ttfts = sorted(r[0] for r in done)
+    return {
+        "clients": clients,
+        "tokens_per_s": sum(r[1] for r in done) / seconds,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+        "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
+        "failed": len(results) - len(done),
+        "tokens_per_request": sorted({r[1] for r in done}),
+        "seconds": seconds,
+    }
+
+
+def serve_and_measure(
+    which: str, path: Path, texts: list[str], counts: list[int], args: Any, workdir: Path
+) -> list[dict[str, Any]]:
+    port = free_port()
+    process = start_mlxpool(path, port, workdir) if which == "mlxpool" else start_mlx_lm_server(path, port)
+    model = "bench" if which == "mlxpool" else str(path)
+    try:
+        return [asyncio.run(load_test(port, model, texts, n, args.new_tokens)) for n in counts]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["tiny", "qwen3-0.6b"], required=True)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--clients", default="1,8,32,64")
+    parser.add_argument("--skip-mlx-lm-server", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        path = build_model(args.shape, workdir)
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+        if args.shape == "tiny":
+            texts = [" ".join(["hello world"] * (args.prompt_tokens // 2))] * max(counts)
+        else:
+            texts = prompts(max(counts), args.prompt_tokens, vocab)
+        result: dict[str, Any] = {
+            "shape": args.shape,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+        }
+        result["raw_batch_generator"] = raw_batch_generator(path, texts[: max(counts)], args.new_tokens)
+        result["stream_generate"] = single_stream(path, texts[0], args.new_tokens)
+        result["mlxpool"] = serve_and_measure("mlxpool", path, texts, counts, args, workdir)
+        if not args.skip_mlx_lm_server:
+            result["mlx_lm_server"] = serve_and_measure("mlx_lm.server", path, texts, counts, args, workdir)
+    print(json.dumps(result, indent=2))
+    print_table(result)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+def print_table(result: dict[str, Any]) -> None:
+    raw = result["raw_batch_generator"]["tokens_per_s"]
+    print(f"\nraw BatchGenerator: {raw:.0f} tok/s; stream_generate single stream: "
+          f"{result['stream_generate']['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
+    for name in ("mlxpool", "mlx_lm_server"):
+        for row in result.get(name, []):
+            print(f"{name:14s} clients {row['clients']:3d}: {row['tokens_per_s']:8.1f} tok/s  TTFT p50 "
+                  f"{row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms  failed {row['failed']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
