@@ -88,10 +88,6 @@ class ChatEngine:
         try:
             while True:
                 delta = await sequence.queue.get()
-                while delta.finish_reason is None and not sequence.queue.empty():
-                    # The loop fell behind the worker: send what has piled up as one piece.
-                    more = sequence.queue.get_nowait()
-                    delta = Delta(delta.text + more.text, more.finish_reason, more.completion_tokens)
                 yield delta
                 if delta.finish_reason is not None:
                     return
