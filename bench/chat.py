@@ -171,7 +171,9 @@ async def load_test(port: int, model: str, texts: list[str], clients: int, new_t
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=1200)
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout) as client:
-        await asyncio.gather(*(one_stream(client, model, t, 8) for t in texts[:clients]))  # warm-up
+        # Warm-up: the same load once, so kernels for the batch shapes it produces are compiled (GPU backends
+        # compile per new shape, and arrival timing decides which batch sizes occur).
+        await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in texts[:clients]))
         start = time.perf_counter()
         results = await asyncio.gather(
             *(one_stream(client, model, t, new_tokens) for t in texts[:clients]), return_exceptions=True
