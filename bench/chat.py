@@ -167,13 +167,16 @@ async def one_stream(client: aiohttp.ClientSession, model: str, text: str, new_t
     return first or float("nan"), usage["completion_tokens"] if usage else tokens
 
 
-async def load_test(port: int, model: str, texts: list[str], clients: int, new_tokens: int) -> dict[str, Any]:
+async def load_test(
+    port: int, model: str, texts: list[str], clients: int, new_tokens: int, warmups: int
+) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=1200)
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout) as client:
         # Warm-up: the same load once, so kernels for the batch shapes it produces are compiled (GPU backends
         # compile per new shape, and arrival timing decides which batch sizes occur).
-        await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in texts[:clients]))
+        for _ in range(warmups):
+            await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in texts[:clients]))
         start = time.perf_counter()
         results = await asyncio.gather(
             *(one_stream(client, model, t, new_tokens) for t in texts[:clients]), return_exceptions=True
@@ -199,7 +202,7 @@ def serve_and_measure(
     process = start_mlxpool(path, port, workdir) if which == "mlxpool" else start_mlx_lm_server(path, port)
     model = "bench" if which == "mlxpool" else str(path)
     try:
-        return [asyncio.run(load_test(port, model, texts, n, args.new_tokens)) for n in counts]
+        return [asyncio.run(load_test(port, model, texts, n, args.new_tokens, args.warmups)) for n in counts]
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -212,6 +215,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--skip-mlx-lm-server", action="store_true")
+    parser.add_argument("--warmups", type=int, default=1, help="unmeasured runs of each load before the measured one")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
