@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -21,10 +20,6 @@ import mlx.core as mx
 from mlxpool.config import ModelSpec
 from mlxpool.engines.weights import materialize
 from mlxpool.worker import Task, Worker
-
-
-ADMIT_WAIT = 0.02
-"""Seconds a request may wait to join a running batch with others, rather than alone."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,6 @@ class Sequence:
     tokens: int = 0
     emitted: int = 0
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
-    arrived: float = field(default_factory=time.monotonic)
 
 
 class ChatEngine:
@@ -139,10 +133,6 @@ class ChatEngine:
     def _admit(self) -> None:
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-        waiting = len(self._incoming)
-        if self._active and waiting and waiting < self.generator.prefill_batch_size:
-            if time.monotonic() - self._incoming[0].arrived < ADMIT_WAIT:
-                return  # let newcomers gather: each group that joins a running batch copies its KV caches
         while self._incoming:
             sequence = self._incoming.popleft()
             if sequence.cancelled:
