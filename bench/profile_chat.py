@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,7 +27,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         path = chat.build_model(args.shape, workdir)
-        texts = chat.prompts(args.clients, 128, int(__import__("json").loads((path / "config.json").read_text())["vocab_size"]))
+        vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
+        texts = chat.prompts(args.clients, 128, vocab)
         port = chat.free_port()
         server = chat.start_mlxpool(path, port, workdir)
         try:
