@@ -236,3 +236,35 @@ async def test_reasoning_goes_to_reasoning_content_and_the_switch_reaches_the_te
         assert content and reasoning == ""
         reasoning, content = await ask(reasoning_effort="none")
         assert content and reasoning == ""
+
+
+async def test_logprobs_with_top_alternatives(served: Served) -> None:
+    response = await greedy(served, max_tokens=6, logprobs=True, top_logprobs=3)
+    assert response.choices[0].logprobs is not None
+    entries = response.choices[0].logprobs.content
+    assert entries is not None and len(entries) == 6
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        ranked = [t.logprob for t in entry.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True)
+        # Greedy decoding picks the most likely token.
+        assert entry.token == entry.top_logprobs[0].token and abs(entry.logprob - ranked[0]) < 1e-4
+    plain = await greedy(served, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+
+
+async def test_streamed_logprobs_cover_every_token(served: Served) -> None:
+    stream = await served.openai.chat.completions.create(
+        model="chat", messages=HELLO, temperature=0, max_tokens=6, logprobs=True, stream=True
+    )
+    entries = [
+        e for c in [c async for c in stream] if c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
+    ]
+    assert len(entries) == 6 and all(e.top_logprobs == [] for e in entries)
+
+
+async def test_top_logprobs_without_logprobs_is_a_400(served: Served) -> None:
+    response = await served.http.post(
+        "/v1/chat/completions", json={"model": "chat", "messages": HELLO, "top_logprobs": 2}
+    )
+    assert response.status_code == 400 and "top_logprobs needs logprobs" in response.json()["error"]["message"]

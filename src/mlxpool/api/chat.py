@@ -18,7 +18,7 @@ from mlxpool.api.errors import error_body, parse_body_or_raise
 from mlxpool.api.reasoning import ReasoningSplitter, prompt_opens_thinking
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import ChatRequest, CompletionRequest
-from mlxpool.engines.chat import ChatEngine, Delta, SamplingParams
+from mlxpool.engines.chat import ChatEngine, Delta, SamplingParams, TokenLogprob
 from mlxpool.errors import ContextLengthError, InvalidRequestError, MlxpoolError, UnsupportedKindError
 from mlxpool.pool import ModelPool
 
@@ -65,15 +65,16 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
     if body.stream:
         stream = _stream(pool, shape, prompt, params, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    text, finish, usage = await run_until_disconnect(request, _collect(pool, shape, prompt, params))
-    return ArrayJSONResponse(shape.whole(text, finish, usage))
+    message, finish, usage, logprobs = await run_until_disconnect(request, _collect(pool, shape, prompt, params))
+    return ArrayJSONResponse(shape.whole(message, finish, usage, logprobs))
 
 
 async def _collect(
     pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams
-) -> tuple[dict[str, str], str, dict[str, int]]:
+) -> tuple[dict[str, str], str, dict[str, int], dict[str, Any] | None]:
     reasoning: list[str] = []
     content: list[str] = []
+    logprobs: list[TokenLogprob] = []
     async with pool.acquire(shape.model) as engine:
         assert isinstance(engine, ChatEngine)
         tokens = await _checked_prompt(engine, prompt, params)
@@ -82,9 +83,10 @@ async def _collect(
             r, c = splitter.feed(delta.text, final=delta.finish_reason is not None)
             reasoning.append(r)
             content.append(c)
+            logprobs.extend(delta.logprobs)
             last = delta
     message = {"content": "".join(content), "reasoning_content": "".join(reasoning)}
-    return message, str(last.finish_reason), _usage(len(tokens.ids), last)
+    return message, str(last.finish_reason), _usage(len(tokens.ids), last), _logprobs(logprobs, params)
 
 
 async def _stream(
@@ -100,8 +102,10 @@ async def _stream(
             yield _sse(shape.chunk(None, "", "", first=True))
             async for delta in engine.generate(tokens.ids, params):
                 reasoning, content = splitter.feed(delta.text, final=delta.finish_reason is not None)
-                if reasoning or content or delta.finish_reason:
-                    yield _sse(shape.chunk(delta.finish_reason, content, reasoning))
+                if reasoning or content or delta.finish_reason or delta.logprobs:
+                    chunk = shape.chunk(delta.finish_reason, content, reasoning)
+                    chunk["choices"][0]["logprobs"] = _logprobs(list(delta.logprobs), params)
+                    yield _sse(chunk)
                 last = delta
         if include_usage:
             yield _sse(shape.usage_chunk(_usage(len(tokens.ids), last)))
@@ -136,6 +140,19 @@ def _chat_prompt(engine: ChatEngine, messages: list[dict[str, Any]], kwargs: dic
     return Prompt(list(engine.tokenizer.encode(text, add_special_tokens=False)), prompt_opens_thinking(text))
 
 
+def _logprobs(entries: list[TokenLogprob], params: SamplingParams) -> dict[str, Any] | None:
+    """OpenAI's `choices[].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}, or None when off."""
+    if params.logprobs is None:
+        return None
+
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+    }
+
+
 def _usage(prompt_tokens: int, last: Delta) -> dict[str, int]:
     completion = last.completion_tokens
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
@@ -167,12 +184,15 @@ class _Shape:
     def splitter(self, prompt: Prompt) -> ReasoningSplitter | _Plain:
         return ReasoningSplitter(prompt.thinking) if self.chat else _Plain()
 
-    def whole(self, message: dict[str, str], finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    def whole(
+        self, message: dict[str, str], finish: str, usage: dict[str, int], logprobs: dict[str, Any] | None
+    ) -> dict[str, Any]:
         if self.chat:
             reply = {"role": "assistant", "content": message["content"]}
             if message["reasoning_content"]:
                 reply["reasoning_content"] = message["reasoning_content"]
-            body = self._envelope("chat.completion", [{"index": 0, "message": reply, "finish_reason": finish}])
+            choice = {"index": 0, "message": reply, "logprobs": logprobs, "finish_reason": finish}
+            body = self._envelope("chat.completion", [choice])
         else:
             choice = {"index": 0, "text": message["content"], "finish_reason": finish}
             body = self._envelope("text_completion", [choice])

@@ -34,6 +34,15 @@ class SamplingParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logprobs: int | None = None
+    """Report each token's log probability with this many most likely alternatives; None: off."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Delta:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(eq=False)
@@ -55,6 +65,8 @@ class Sequence:
     cancelled: bool = False
     tokens: int = 0
     emitted: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Entries of tokens whose text has not been sent yet."""
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
@@ -124,6 +136,8 @@ class ChatEngine:
             return
         for response in responses:
             if (active := self._active.get(response.uid)) is not None:
+                if active.params.logprobs is not None and response.finish_reason != "stop":
+                    active.logprobs.append(self._logprob(response.token, response.logprobs, active.params.logprobs))
                 self._advance(active, response.token, response.finish_reason)
 
     def close(self) -> None:
@@ -180,8 +194,21 @@ class ChatEngine:
         if finish is not None:
             del self._active[sequence.uid]  # type: ignore[arg-type]
         if end > sequence.emitted or finish is not None:
-            _send(sequence, Delta(text[sequence.emitted : max(end, sequence.emitted)], finish, sequence.tokens))
+            piece = text[sequence.emitted : max(end, sequence.emitted)]
+            _send(sequence, Delta(piece, finish, sequence.tokens, tuple(sequence.logprobs)))
             sequence.emitted = max(end, sequence.emitted)
+            sequence.logprobs = []
+
+    def _logprob(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
+        """The token's log probability and the `top` most likely tokens at that step."""
+        alternatives: tuple[tuple[str, float], ...] = ()
+        if top > 0:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            pairs: list[tuple[int, float]] = list(zip(ids.tolist(), logprobs[ids].tolist(), strict=True))  # type: ignore[arg-type]
+            ranked = sorted(pairs, key=lambda pair: -pair[1])
+            alternatives = tuple((self.tokenizer.decode([i]), v) for i, v in ranked)
+        chosen: float = logprobs[token].item()  # type: ignore[assignment]
+        return TokenLogprob(self.tokenizer.decode([token]), chosen, alternatives)
 
 
 def _send(sequence: Sequence, delta: Delta) -> None:
