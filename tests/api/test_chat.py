@@ -268,3 +268,61 @@ async def test_top_logprobs_without_logprobs_is_a_400(served: Served) -> None:
         "/v1/chat/completions", json={"model": "chat", "messages": HELLO, "top_logprobs": 2}
     )
     assert response.status_code == 400 and "top_logprobs needs logprobs" in response.json()["error"]["message"]
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}, "n": {"type": "integer",
+                   "minimum": 0, "maximum": 9}},
+    "required": ["color", "ok", "n"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_json_schema_output_parses_and_validates(served: Served, stream: bool, seed: int) -> None:
+    import json
+
+    kwargs: dict[str, Any] = {
+        "model": "chat", "messages": HELLO, "max_tokens": 60, "seed": seed,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
+    }  # fmt: skip
+    if stream:
+        chunks = [c async for c in await served.openai.chat.completions.create(stream=True, **kwargs)]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = (await served.openai.chat.completions.create(**kwargs)).choices[0]
+        text, finish = choice.message.content or "", choice.finish_reason
+    value = json.loads(text)
+    assert finish == "stop" and set(value) == {"color", "ok", "n"}
+    assert value["color"] in ("red", "green") and isinstance(value["ok"], bool) and 0 <= value["n"] <= 9
+
+
+async def test_json_object_output_is_an_object(served: Served) -> None:
+    import json
+
+    finished = 0
+    for seed in range(6):
+        choice = (
+            await served.openai.chat.completions.create(
+                model="chat", messages=HELLO, max_tokens=40, seed=seed, response_format={"type": "json_object"}
+            )
+        ).choices[0]
+        text = choice.message.content or ""
+        assert text.startswith("{")
+        if choice.finish_reason == "stop":  # random weights may also run out of tokens inside a string
+            assert isinstance(json.loads(text), dict)
+            finished += 1
+    assert finished > 0
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, {"type": "xml"}],
+)
+async def test_unusable_response_formats_are_a_400(served: Served, response_format: dict[str, Any]) -> None:
+    body = {"model": "chat", "messages": HELLO, "response_format": response_format}
+    response = await served.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlxpool.engines.chat import SamplingParams
+from mlxpool.engines.structured import json_grammar, schema_of
 from mlxpool.errors import InvalidRequestError
 
 
@@ -110,6 +111,9 @@ class _Generation(BaseModel):
     def logprobs_count(self) -> int | None:
         return None
 
+    def grammar(self) -> str | None:
+        return None
+
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(
@@ -124,6 +128,7 @@ class _Generation(BaseModel):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             logprobs=self.logprobs_count(),
+            grammar=self.grammar(),
         )
 
 
@@ -136,6 +141,7 @@ class ChatRequest(_Generation):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatRequest:
@@ -148,6 +154,10 @@ class ChatRequest(_Generation):
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def grammar(self) -> str | None:
+        constrained, schema = schema_of(self.response_format or {})
+        return json_grammar(schema) if constrained else None
 
 
 class CompletionRequest(_Generation):

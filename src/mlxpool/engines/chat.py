@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxpool.config import ModelSpec
+from mlxpool.engines.structured import GrammarProcessor, llg_tokenizer
 from mlxpool.engines.weights import materialize
 from mlxpool.worker import Task, Worker
 
@@ -36,6 +37,8 @@ class SamplingParams:
     repetition_penalty: float | None = None
     logprobs: int | None = None
     """Report each token's log probability with this many most likely alternatives; None: off."""
+    grammar: str | None = None
+    """An llguidance grammar the output must follow (response_format), or None."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class ChatEngine:
         self.spec = spec
         self.worker = worker
         self.context_length = int(config.get("max_position_embeddings") or 0) or None
+        self.vocab_size = int(config.get("vocab_size") or len(tokenizer.vocab))
+        self._llg_tokenizer: Any = None
         self.generator: Any = BatchGenerator(
             model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
@@ -160,11 +165,18 @@ class ChatEngine:
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
             )
+            if p.grammar is not None:
+                processors.append(GrammarProcessor(p.grammar, self._grammar_tokenizer(), self.vocab_size))
             (uid,) = self.generator.insert(
                 [sequence.prompt], max_tokens=[p.max_tokens], samplers=[sampler], logits_processors=[processors]
             )
             sequence.uid = uid
             self._active[uid] = sequence
+
+    def _grammar_tokenizer(self) -> Any:
+        if self._llg_tokenizer is None:
+            self._llg_tokenizer = llg_tokenizer(self.tokenizer, self.vocab_size)
+        return self._llg_tokenizer
 
     def _drop_cancelled(self) -> None:
         gone = [uid for uid, sequence in self._active.items() if sequence.cancelled]
