@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx2
+import httpx
 import huggingface_hub
 import numpy as np
 import pytest
@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
 from safetensors.numpy import save as save_safetensors
 from tqdm import tqdm
 
+from mlxpool.pool.downloads import TRANSPORT_ERRORS
 from tests.fakehub import COMMIT, FakeHub, Request, fast_resume, go_offline, use_fake_hub
 
 REPO = "org/tiny"
@@ -151,9 +152,9 @@ def test_safetensors_metadata_sharded_with_a_long_header(hub: FakeHub) -> None:
 
 def test_range_requests_get_206_and_clamped_ends(hub: FakeHub) -> None:
     url = f"{hub.url}/{REPO}/resolve/main/model.bin"
-    tail = httpx2.get(url, headers={"Range": "bytes=-10"})
-    past_end = httpx2.get(url, headers={"Range": "bytes=16000-99999"})
-    beyond = httpx2.get(url, headers={"Range": "bytes=99999-"})
+    tail = httpx.get(url, headers={"Range": "bytes=-10"})
+    past_end = httpx.get(url, headers={"Range": "bytes=16000-99999"})
+    beyond = httpx.get(url, headers={"Range": "bytes=99999-"})
 
     assert (tail.status_code, tail.content) == (206, WEIGHTS[-10:])
     assert past_end.headers["Content-Range"] == f"bytes 16000-{len(WEIGHTS) - 1}/{len(WEIGHTS)}"
@@ -162,7 +163,7 @@ def test_range_requests_get_206_and_clamped_ends(hub: FakeHub) -> None:
 
 
 def test_head_carries_the_metadata_huggingface_hub_needs_and_nothing_of_xet(hub: FakeHub) -> None:
-    response = httpx2.head(f"{hub.url}/{REPO}/resolve/main/model.bin")
+    response = httpx.head(f"{hub.url}/{REPO}/resolve/main/model.bin")
 
     assert response.headers["X-Repo-Commit"] == COMMIT
     assert response.headers["ETag"] == f'"{blob_name(WEIGHTS)}"'
@@ -220,7 +221,7 @@ def test_failed_transfer_leaves_no_partial_file_and_restarts(
 ) -> None:
     fast_resume(monkeypatch, chunk_size=1024)
     hub.cut_after["model.bin"], hub.cut_times["model.bin"] = 5 * 1024, 6  # the first try and its 5 retries
-    with pytest.raises(httpx2.RemoteProtocolError):
+    with pytest.raises(TRANSPORT_ERRORS):  # httpx2's in huggingface_hub 2.x, httpx's before
         hf_hub_download(REPO, "model.bin")
     assert hub.file_gets("model.bin") == [None] + ["bytes=5120-"] * 5
     assert list((tmp_path / "hub").rglob("*.incomplete")) == []
@@ -258,9 +259,9 @@ def test_offline_uses_the_cache_without_asking_the_hub(hub: FakeHub, monkeypatch
 def test_stop_closes_the_port() -> None:
     fake = FakeHub({}).start()
     url = fake.url
-    assert httpx2.get(f"{url}/api/models/a/b").status_code == 404
+    assert httpx.get(f"{url}/api/models/a/b").status_code == 404
     fake.stop()
 
-    with pytest.raises(httpx2.ConnectError):
-        httpx2.get(f"{url}/api/models/a/b")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/api/models/a/b")
     assert fake.requests == [Request("GET", "/api/models/a/b", None)]
