@@ -61,7 +61,7 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
     if body.n != 1:
         raise InvalidRequestError("n > 1 is not supported; send separate requests", param="n")
     shape = _Shape(entry.spec.name, chat)
-    params = body.sampling(entry.spec.max_tokens)
+    params = await asyncio.to_thread(body.sampling, entry.spec.max_tokens)  # compiles a JSON schema grammar
     if body.stream:
         stream = _stream(pool, shape, prompt, params, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

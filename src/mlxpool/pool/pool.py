@@ -220,7 +220,8 @@ class ModelPool:
         try:
             path = await self._local_dir(entry)
             # A model loaded before is expected to need what it measured then, if that was more.
-            entry.estimate = max(sources.estimate_bytes(spec, path), entry.measured or 0)
+            estimate = await asyncio.to_thread(sources.estimate_bytes, spec, path)  # reads safetensors headers
+            entry.estimate = max(estimate, entry.measured or 0)
             await self._reserve(entry)
             log.info("loading %s (estimate %s)", spec.name, human_bytes(entry.estimate))
             started = self.clock.now()
