@@ -70,6 +70,12 @@ class ModelTooLargeError(ServiceUnavailableError):
     code = "model_too_large"
 
 
+class GenerationError(MlxpoolError):
+    """A model step failed while producing this request's output (500; the server and other models go on)."""
+
+    code = "generation_failed"
+
+
 class RepoNotFoundError(MlxpoolError):
     """The model's repo does not exist on the hub (or is private and no token can see it)."""
 

@@ -326,3 +326,33 @@ async def test_unusable_response_formats_are_a_400(served: Served, response_form
     body = {"model": "chat", "messages": HELLO, "response_format": response_format}
     response = await served.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+async def test_a_failed_generation_step_is_a_500_and_the_engine_goes_on(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await greedy(served, max_tokens=1)
+    generator = engine(served).generator
+    real = generator.next
+
+    def broken() -> Any:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(generator, "next", broken)
+    response = await served.http.post("/v1/chat/completions", json={"model": "chat", "messages": HELLO})
+    assert response.status_code == 500
+    assert (
+        response.json()["error"]["code"] == "generation_failed" and "device lost" in response.json()["error"]["message"]
+    )
+    body = {"model": "chat", "messages": HELLO, "stream": True}
+    async with served.http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = [line async for line in stream.aiter_lines() if line.startswith("data:")]
+    assert '"generation_failed"' in lines[-2] and lines[-1] == "data: [DONE]"
+    monkeypatch.setattr(generator, "next", real)
+    assert (await greedy(served, max_tokens=3)).choices[0].finish_reason == "length"
+
+
+async def test_legacy_logprobs_are_refused_clearly(served: Served) -> None:
+    body = {"model": "chat", "prompt": "hi", "logprobs": 2}
+    response = await served.http.post("/v1/completions", json=body)
+    assert response.status_code == 400 and "use /v1/chat/completions" in response.json()["error"]["message"]

@@ -164,4 +164,11 @@ class CompletionRequest(_Generation):
     """OpenAI API reference: Completions → Create completion (POST /v1/completions, legacy)."""
 
     prompt: str | list[str]
-    logprobs: None = Field(default=None, description="not supported on the legacy route yet")
+    logprobs: int | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> None:
+        if value is not None:
+            raise ValueError("logprobs is not supported on /v1/completions yet; use /v1/chat/completions")
+        return None

@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlxpool.config import ModelSpec
 from mlxpool.engines.structured import GrammarProcessor, llg_tokenizer
 from mlxpool.engines.weights import materialize
+from mlxpool.errors import GenerationError
 from mlxpool.worker import Task, Worker
 
 
@@ -56,6 +57,8 @@ class Delta:
     finish_reason: str | None
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
+    error: str | None = None
+    """Set when the step that was to produce this failed; the sequence ends with it."""
 
 
 @dataclass(eq=False)
@@ -105,6 +108,8 @@ class ChatEngine:
         try:
             while True:
                 delta = await sequence.queue.get()
+                if delta.error is not None:
+                    raise GenerationError(f"generation failed: {delta.error}")
                 yield delta
                 if delta.finish_reason is not None:
                     return
@@ -135,7 +140,7 @@ class ChatEngine:
             _, responses = self.generator.next()
         except Exception as exc:  # a failed step fails every sequence in it, the engine goes on
             for sequence in self._active.values():
-                _send(sequence, Delta(f"[generation failed: {exc}]", "error", sequence.tokens))
+                _send(sequence, Delta("", "error", sequence.tokens, error=str(exc) or type(exc).__name__))
             self.generator.remove(list(self._active))
             self._active.clear()
             return

@@ -9,10 +9,11 @@ last 10 MiB chunk it received. A file appears in the snapshot only when whole.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,21 +172,18 @@ def check_disk(spec: ModelSpec, todo: DownloadPlan) -> None:
         )
 
 
-class hub_errors:
+@contextlib.contextmanager
+def hub_errors(spec: ModelSpec) -> Iterator[None]:
     """Turn huggingface_hub's and httpx's errors into mlxpool's, one distinct error per cause."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is None or isinstance(exc, MlxpoolError):
-            return
-        error = _translate(self.spec, exc)
-        if error is not None:
-            raise error from exc
+    try:
+        yield
+    except MlxpoolError:
+        raise
+    except Exception as exc:
+        error = _translate(spec, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _translate(spec: ModelSpec, exc: BaseException) -> MlxpoolError | None:
