@@ -127,8 +127,22 @@ def build_tiny_qwen3_embedding(out: Path, **shape: Any) -> Path:
 
 
 CHAT_TEMPLATE = (
+    # ChatML with Qwen's tool-call format, so that mlx-lm finds its json_tools parser.
+    "{% if tools %}{{ '<|im_start|>system\n# Tools\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    '{{ \'\n</tools>\nCall a function as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n\' }}'
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if message.role == 'assistant' and message.tool_calls %}"
+    "{{ '<|im_start|>assistant\n' + (message.content or '') }}"
+    "{% for tool_call in message.tool_calls %}{% set tool_call = tool_call.function %}"
+    '{{ \'<tool_call>\n{"name": "\' + tool_call.name + \'", "arguments": \' + (tool_call.arguments | tojson)'
+    " + '}\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message.role == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

@@ -18,6 +18,7 @@ from mlxpool.api.errors import error_body, parse_body_or_raise
 from mlxpool.api.reasoning import ReasoningSplitter, prompt_opens_thinking
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import ChatRequest, CompletionRequest
+from mlxpool.api.tools import ToolCallSplitter, ToolFormat, tool_format_or_raise
 from mlxpool.engines.chat import ChatEngine, Delta, SamplingParams, TokenLogprob
 from mlxpool.errors import ContextLengthError, InvalidRequestError, MlxpoolError, UnsupportedKindError
 from mlxpool.pool import ModelPool
@@ -32,9 +33,12 @@ async def create_chat_completion(request: Request) -> Response:
     kwargs = dict(body.chat_template_kwargs or {})
     if body.reasoning_effort is not None:
         kwargs.setdefault("enable_thinking", body.reasoning_effort != "none")
+    tools = body.tool_list()
 
     async def prompt(engine: ChatEngine) -> Prompt:
-        return await asyncio.to_thread(_chat_prompt, engine, messages, kwargs)
+        forced = body.forces_tool_call
+        format = tool_format_or_raise(engine.tokenizer, tools, forced, engine.spec.name) if tools else None
+        return await asyncio.to_thread(_chat_prompt, engine, messages, kwargs, format)
 
     return await _complete(request, body, prompt, chat=True)
 
@@ -65,28 +69,39 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
     if body.stream:
         stream = _stream(pool, shape, prompt, params, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    message, finish, usage, logprobs = await run_until_disconnect(request, _collect(pool, shape, prompt, params))
-    return ArrayJSONResponse(shape.whole(message, finish, usage, logprobs))
+    answer = await run_until_disconnect(request, _collect(pool, shape, prompt, params))
+    return ArrayJSONResponse(shape.whole(answer))
 
 
-async def _collect(
-    pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams
-) -> tuple[dict[str, str], str, dict[str, int], dict[str, Any] | None]:
+@dataclass
+class _Answer:
+    reasoning: str
+    content: str
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+    usage: dict[str, int]
+    logprobs: dict[str, Any] | None
+
+
+async def _collect(pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams) -> _Answer:
     reasoning: list[str] = []
     content: list[str] = []
+    calls: list[dict[str, Any]] = []
     logprobs: list[TokenLogprob] = []
     async with pool.acquire(shape.model) as engine:
         assert isinstance(engine, ChatEngine)
         tokens = await _checked_prompt(engine, prompt, params)
-        splitter = shape.splitter(tokens)
+        reader = shape.reader(tokens, streaming=False)
         async for delta in engine.generate(tokens.ids, params):
-            r, c = splitter.feed(delta.text, final=delta.finish_reason is not None)
+            r, c, t = reader.feed(delta.text, final=delta.finish_reason is not None)
             reasoning.append(r)
             content.append(c)
+            calls.extend(t)
             logprobs.extend(delta.logprobs)
             last = delta
-    message = {"content": "".join(content), "reasoning_content": "".join(reasoning)}
-    return message, str(last.finish_reason), _usage(len(tokens.ids), last), _logprobs(logprobs, params)
+    finish = str(_finish_reason(last, calls))
+    usage = _usage(len(tokens.ids), last)
+    return _Answer("".join(reasoning), "".join(content), calls, finish, usage, _logprobs(logprobs, params))
 
 
 async def _stream(
@@ -98,12 +113,15 @@ async def _stream(
         async with pool.acquire(shape.model) as engine:
             assert isinstance(engine, ChatEngine)
             tokens = await _checked_prompt(engine, prompt, params)
-            splitter = shape.splitter(tokens)
+            reader = shape.reader(tokens, streaming=True)
             yield _sse(shape.chunk(None, "", "", first=True))
+            called = False
             async for delta in engine.generate(tokens.ids, params):
-                reasoning, content = splitter.feed(delta.text, final=delta.finish_reason is not None)
-                if reasoning or content or delta.finish_reason or delta.logprobs:
-                    chunk = shape.chunk(delta.finish_reason, content, reasoning)
+                reasoning, content, calls = reader.feed(delta.text, final=delta.finish_reason is not None)
+                called = called or bool(calls)
+                finish = _finish_reason(delta, [{}] if called else [])
+                if reasoning or content or calls or finish or delta.logprobs:
+                    chunk = shape.chunk(finish, content, reasoning, calls=calls)
                     chunk["choices"][0]["logprobs"] = _logprobs(list(delta.logprobs), params)
                     yield _sse(chunk)
                 last = delta
@@ -119,6 +137,8 @@ class Prompt:
     ids: list[int]
     thinking: bool
     """The chat template opened a `<think>` block: the model starts by reasoning."""
+    tools: ToolFormat | None = None
+    """How the model writes tool calls, when the request gave it tools."""
 
 
 async def _checked_prompt(engine: ChatEngine, prompt: Any, params: SamplingParams) -> Prompt:
@@ -132,12 +152,22 @@ async def _checked_prompt(engine: ChatEngine, prompt: Any, params: SamplingParam
     return tokens
 
 
-def _chat_prompt(engine: ChatEngine, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> Prompt:
+def _chat_prompt(
+    engine: ChatEngine, messages: list[dict[str, Any]], kwargs: dict[str, Any], tools: ToolFormat | None
+) -> Prompt:
+    if tools is not None:
+        kwargs = {**kwargs, "tools": tools.tools}
     try:
         text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     except Exception as exc:  # the model's template rejected these messages (roles, order)
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
-    return Prompt(list(engine.tokenizer.encode(text, add_special_tokens=False)), prompt_opens_thinking(text))
+    ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
+    return Prompt(ids, prompt_opens_thinking(text), tools)
+
+
+def _finish_reason(last: Delta, calls: list[dict[str, Any]]) -> str | None:
+    """OpenAI says `tool_calls` when an answer that called tools ended by itself."""
+    return "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
 
 
 def _logprobs(entries: list[TokenLogprob], params: SamplingParams) -> dict[str, Any] | None:
@@ -162,11 +192,19 @@ def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-class _Plain:
-    """Legacy completions: no reasoning split."""
+class _Reader:
+    """Generated text -> (reasoning, content, finished tool calls); legacy completions take it as it comes."""
 
-    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
-        return "", text
+    def __init__(self, prompt: Prompt | None, streaming: bool):
+        self.reasoning = ReasoningSplitter(prompt.thinking) if prompt is not None else None
+        self.tools = ToolCallSplitter(prompt.tools, streaming) if prompt is not None and prompt.tools else None
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str, list[dict[str, Any]]]:
+        reasoning, content = self.reasoning.feed(text, final) if self.reasoning else ("", text)
+        if self.tools is None:
+            return reasoning, content, []
+        content, calls = self.tools.feed(content, final)
+        return reasoning, content, calls
 
 
 class _Shape:
@@ -181,24 +219,32 @@ class _Shape:
     def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def splitter(self, prompt: Prompt) -> ReasoningSplitter | _Plain:
-        return ReasoningSplitter(prompt.thinking) if self.chat else _Plain()
+    def reader(self, prompt: Prompt, streaming: bool) -> _Reader:
+        return _Reader(prompt if self.chat else None, streaming)
 
-    def whole(
-        self, message: dict[str, str], finish: str, usage: dict[str, int], logprobs: dict[str, Any] | None
-    ) -> dict[str, Any]:
+    def whole(self, answer: _Answer) -> dict[str, Any]:
         if self.chat:
-            reply = {"role": "assistant", "content": message["content"]}
-            if message["reasoning_content"]:
-                reply["reasoning_content"] = message["reasoning_content"]
-            choice = {"index": 0, "message": reply, "logprobs": logprobs, "finish_reason": finish}
+            reply: dict[str, Any] = {"role": "assistant", "content": answer.content}
+            if answer.reasoning:
+                reply["reasoning_content"] = answer.reasoning
+            if answer.tool_calls:
+                reply["tool_calls"] = answer.tool_calls
+                reply["content"] = answer.content.strip() or None
+            choice = {"index": 0, "message": reply, "logprobs": answer.logprobs, "finish_reason": answer.finish_reason}
             body = self._envelope("chat.completion", [choice])
         else:
-            choice = {"index": 0, "text": message["content"], "finish_reason": finish}
+            choice = {"index": 0, "text": answer.content, "finish_reason": answer.finish_reason}
             body = self._envelope("text_completion", [choice])
-        return {**body, "usage": usage}
+        return {**body, "usage": answer.usage}
 
-    def chunk(self, finish: str | None, content: str, reasoning: str, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        self,
+        finish: str | None,
+        content: str,
+        reasoning: str,
+        first: bool = False,
+        calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         if not self.chat:
             return self._envelope("text_completion", [{"index": 0, "text": content, "finish_reason": finish}])
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
@@ -206,6 +252,8 @@ class _Shape:
             delta["content"] = content
         if reasoning:
             delta["reasoning_content"] = reasoning
+        if calls:
+            delta["tool_calls"] = calls
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
         return self._envelope("chat.completion.chunk", [choice])
 

@@ -31,7 +31,7 @@ class ReasoningSplitter:
         if self.state == "thinking":
             at = self.buffer.find(CLOSE)
             if at < 0:
-                keep = 0 if final else _partial_tag(self.buffer, CLOSE)
+                keep = 0 if final else partial_tag(self.buffer, CLOSE)
                 reasoning, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
                 return reasoning, ""
             reasoning, self.buffer = self.buffer[:at], self.buffer[at + len(CLOSE) :]
@@ -45,7 +45,7 @@ class ReasoningSplitter:
         return reasoning, content
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest end of `text` that begins `tag`."""
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 

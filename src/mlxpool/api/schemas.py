@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from mlxpool.api.tools import forced_call_grammar
 from mlxpool.engines.chat import SamplingParams
 from mlxpool.engines.structured import json_grammar, schema_of
 from mlxpool.errors import InvalidRequestError
@@ -65,8 +67,44 @@ class ChatMessage(BaseModel):
                     f"content parts of type {other[0]!r} are not supported by this model", param="messages"
                 )
             content = "".join(part.text or "" for part in content)
-        return {**(self.model_extra or {}), "role": "system" if self.role == "developer" else self.role,
-                "content": content or ""}  # fmt: skip
+        extra = dict(self.model_extra or {})
+        if isinstance(extra.get("tool_calls"), list):
+            extra["tool_calls"] = [_decoded_arguments(call) for call in extra["tool_calls"]]
+        return {**extra, "role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+def _decoded_arguments(call: Any) -> Any:
+    """Templates render `arguments` as an object; OpenAI sends it as a JSON string."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+        except ValueError:
+            return call
+    return call
+
+
+class FunctionDefinition(BaseModel):
+    """OpenAI API reference: Chat → Create chat completion → tools → function."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    class Function(BaseModel):
+        name: str
+
+    type: Literal["function"]
+    function: Function
 
 
 class StreamOptions(BaseModel):
@@ -142,12 +180,32 @@ class ChatRequest(_Generation):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatRequest:
+    def _consistent(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, "none", "auto") and not info.data.get("tools"):
+            raise ValueError("tool_choice needs tools")
+        return value
+
+    def tool_list(self) -> list[dict[str, Any]]:
+        """The tools the model is shown: none when tool_choice is "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -156,6 +214,9 @@ class ChatRequest(_Generation):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def grammar(self) -> str | None:
+        if self.forces_tool_call:
+            name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+            return forced_call_grammar(self.tool_list(), name)
         constrained, schema = schema_of(self.response_format or {})
         return json_grammar(schema) if constrained else None
 
