@@ -115,7 +115,7 @@ async def test_tools_reach_the_template_unless_tool_choice_is_none(served: Serve
     async def prompt_tokens(**kwargs: Any) -> int:
         response = await served.openai.chat.completions.create(model="chat", messages=ASK, max_tokens=1, **kwargs)
         assert response.usage is not None
-        return response.usage.prompt_tokens
+        return int(response.usage.prompt_tokens)
 
     bare = await prompt_tokens()
     assert await prompt_tokens(tools=[WEATHER]) > bare
