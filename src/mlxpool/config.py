@@ -89,12 +89,26 @@ class ServerSettings(BaseModel):
     cache_dir: str = "~/.cache/mlxpool"
     """Where the demo profile writes its generated models."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_image_bytes: str | int = "20MB"
+    """Largest image or document a request may send or point to (data: URI, file or URL); larger ones get 400."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Largest decoded image, in pixels (width x height); larger ones get 400 (decompression bombs)."""
+    image_fetch_timeout: float = Field(default=10.0, gt=0)
+    """Seconds to fetch an `http(s)` image URL, then 400."""
+    image_dirs: list[str] = Field(default_factory=list)
+    """Directories whose files `file://` image URLs may name; empty (the default): file URLs are refused."""
+    max_pdf_pages: int = Field(default=50, ge=1)
+    """OCR: most pages read from one PDF; longer documents get 400."""
 
-    _sizes = field_validator("memory_budget", "max_request_bytes")(_check_size)
+    _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes")(_check_size)
 
     @property
     def max_request_size(self) -> int:
         return parse_size(self.max_request_bytes)
+
+    @property
+    def max_image_size(self) -> int:
+        return parse_size(self.max_image_bytes)
 
 
 class Candidate(BaseModel):
@@ -150,6 +164,8 @@ class ModelSpec(BaseModel):
     """Chat: prompt tokens read per worker step, so a long prompt does not hold up other work."""
     max_tokens: int = Field(default=2048, ge=1)
     """Chat: completion length when a request gives no `max_tokens`."""
+    prompt: str | None = None
+    """OCR: the instruction sent with an image when the request gives no text (`OCR:` if unset)."""
     max_batch_tokens: int = Field(default=8192, ge=1)
     """Embedding: most padded tokens in one forward pass."""
     max_input_tokens: int | None = Field(default=None, ge=1)

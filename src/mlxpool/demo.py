@@ -200,11 +200,105 @@ def build_tiny_chat(out: Path) -> Path:
     return out
 
 
-# name -> (kind, builder); later kinds add their builders here.
+VLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+VLM_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_vlm(out: Path) -> Path:
+    """A 2-layer Qwen2-VL (mlx-vlm layout, with its image processor config); images of at most 112x112 pixels
+    after resizing, so a few image tokens each."""
+    from mlx_vlm.models import qwen2_vl
+    from mlx_vlm.utils import update_module_configs
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=VLM_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([*CORPUS, "Describe this image.", "OCR: invoice total 42.00"], trainer)
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "add_bos_token": False,
+            "model_max_length": 1024,
+            "chat_template": VLM_TEMPLATE,
+        },
+    )
+    _write_json(out / "chat_template.json", {"chat_template": VLM_TEMPLATE})
+    _write_json(
+        out / "preprocessor_config.json",
+        {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2VLProcessor",
+            "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+            "rescale_factor": 1 / 255, "resample": 3,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "min_pixels": 56 * 56, "max_pixels": 112 * 112,
+            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        },
+    )  # fmt: skip
+    config = {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 1024,
+        "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]},  # sums to head_dim / 2
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
+        "vision_start_token_id": 3,
+        "vision_end_token_id": 4,
+        "image_token_id": 5,
+        "video_token_id": 6,
+        "vision_config": {
+            "model_type": "qwen2_vl", "depth": 2, "embed_dim": 32, "num_heads": 2,
+            "mlp_ratio": 2,  # an int: mlx-vlm fails on a float
+            "hidden_size": 64, "in_channels": 3, "patch_size": 14, "spatial_patch_size": 14,
+            "spatial_merge_size": 2, "temporal_patch_size": 2,
+        },
+    }  # fmt: skip
+    vlm: Any = qwen2_vl  # mlx-vlm's modules are untyped
+    args = dict(config)  # from_dict adds `text_config` to it, which update_module_configs reads
+    model_config = vlm.ModelConfig.from_dict(args)
+    model_config = update_module_configs(model_config, vlm, args, ["text", "vision"])  # type: ignore[no-untyped-call]
+    _seed()
+    _save(vlm.Model(model_config), out, config)
+    return out
+
+
+# name -> (kind, builder)
 DEMO_MODELS = {
     "demo-embedding": ("embedding", build_tiny_qwen3_embedding),
     "demo-bert": ("embedding", build_tiny_bert),
     "demo-chat": ("chat", build_tiny_chat),
+    "demo-vision": ("vision", build_tiny_vlm),
+    "demo-ocr": ("ocr", build_tiny_vlm),
 }
 
 

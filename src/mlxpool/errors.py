@@ -25,6 +25,12 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class InvalidImageError(InvalidRequestError):
+    """An image (or document) that cannot be fetched, is too large, or does not decode."""
+
+    code = "invalid_image"
+
+
 class ModelNotFoundError(MlxpoolError):
     status = 404
     type = "invalid_request_error"

@@ -67,6 +67,7 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
         machine = settings.for_memory(await worker.call(machine_memory))
         pool = ModelPool(machine, worker, budget, loader=loader, clock=clock)
         app.state.pool = pool
+        app.state.settings = settings
         log.info("memory budget %.2f GiB; %d models configured", budget / 2**30, len(pool.entries))
         pool.start()
         try:

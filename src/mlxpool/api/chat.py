@@ -15,21 +15,33 @@ from starlette.responses import Response, StreamingResponse
 
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import error_body, parse_body_or_raise
+from mlxpool.api.images import gather_images_or_raise
 from mlxpool.api.reasoning import ReasoningSplitter, prompt_opens_thinking
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import ChatRequest, CompletionRequest
 from mlxpool.api.tools import ToolCallSplitter, ToolFormat, tool_format_or_raise
 from mlxpool.engines.chat import ChatEngine, Delta, SamplingParams, TokenLogprob
+from mlxpool.engines.vision import VisionEngine, VisionInput
 from mlxpool.errors import ContextLengthError, InvalidRequestError, MlxpoolError, UnsupportedKindError
 from mlxpool.pool import ModelPool
 
+OCR_PROMPT = "OCR:"
+"""What an OCR model is asked when a request gives no text (a model's `prompt` setting overrides it)."""
 COMMENT_INTERVAL = 2.0
 """Seconds between `: loading MODEL` comment lines sent to a stream waiting for its model."""
 
 
 async def create_chat_completion(request: Request) -> Response:
     body = await parse_body_or_raise(request, ChatRequest)
-    messages = [message.as_template_input() for message in body.messages]
+    spec = request.app.state.pool.resolve(body.model).spec
+    vision = spec.kind in ("vision", "ocr")
+    images = await gather_images_or_raise(body.messages, request.app.state.settings.server) if vision else []
+    messages = [message.as_template_input(vision) for message in body.messages]
+    if spec.kind == "ocr" and not _has_text(messages[-1]):
+        parts = messages[-1]["content"] if isinstance(messages[-1]["content"], list) else []
+        messages[-1]["content"] = [*parts, {"type": "text", "text": spec.prompt or OCR_PROMPT}]
+        if "temperature" not in body.model_fields_set:
+            body.temperature = 0.0
     kwargs = dict(body.chat_template_kwargs or {})
     if body.reasoning_effort is not None:
         kwargs.setdefault("enable_thinking", body.reasoning_effort != "none")
@@ -38,7 +50,7 @@ async def create_chat_completion(request: Request) -> Response:
     async def prompt(engine: ChatEngine) -> Prompt:
         forced = body.forces_tool_call
         format = tool_format_or_raise(engine.tokenizer, tools, forced, engine.spec.name) if tools else None
-        return await asyncio.to_thread(_chat_prompt, engine, messages, kwargs, format)
+        return await asyncio.to_thread(_chat_prompt, engine, messages, kwargs, format, images)
 
     return await _complete(request, body, prompt, chat=True)
 
@@ -64,6 +76,8 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
         )
     if body.n != 1:
         raise InvalidRequestError("n > 1 is not supported; send separate requests", param="n")
+    if entry.spec.kind != "chat" and body.logprobs_count() is not None:
+        raise InvalidRequestError("logprobs are not supported for vision models", param="logprobs")
     shape = _Shape(entry.spec.name, chat)
     params = await asyncio.to_thread(body.sampling, entry.spec.max_tokens)  # compiles a JSON schema grammar
     if body.stream:
@@ -92,7 +106,7 @@ async def _collect(pool: ModelPool, shape: _Shape, prompt: Any, params: Sampling
         assert isinstance(engine, ChatEngine)
         tokens = await _checked_prompt(engine, prompt, params)
         reader = shape.reader(tokens, streaming=False)
-        async for delta in engine.generate(tokens.ids, params):
+        async for delta in engine.generate(tokens.ids, params, tokens.media):
             r, c, t = reader.feed(delta.text, final=delta.finish_reason is not None)
             reasoning.append(r)
             content.append(c)
@@ -116,7 +130,7 @@ async def _stream(
             reader = shape.reader(tokens, streaming=True)
             yield _sse(shape.chunk(None, "", "", first=True))
             called = False
-            async for delta in engine.generate(tokens.ids, params):
+            async for delta in engine.generate(tokens.ids, params, tokens.media):
                 reasoning, content, calls = reader.feed(delta.text, final=delta.finish_reason is not None)
                 called = called or bool(calls)
                 finish = _finish_reason(delta, [{}] if called else [])
@@ -139,6 +153,8 @@ class Prompt:
     """The chat template opened a `<think>` block: the model starts by reasoning."""
     tools: ToolFormat | None = None
     """How the model writes tool calls, when the request gave it tools."""
+    media: VisionInput | None = None
+    """The prompt text and images, for vision models."""
 
 
 async def _checked_prompt(engine: ChatEngine, prompt: Any, params: SamplingParams) -> Prompt:
@@ -152,17 +168,27 @@ async def _checked_prompt(engine: ChatEngine, prompt: Any, params: SamplingParam
     return tokens
 
 
+def _has_text(message: dict[str, Any]) -> bool:
+    content = message["content"]
+    return bool(content.strip()) if isinstance(content, str) else any(p.get("text", "").strip() for p in content)
+
+
 def _chat_prompt(
-    engine: ChatEngine, messages: list[dict[str, Any]], kwargs: dict[str, Any], tools: ToolFormat | None
+    engine: ChatEngine,
+    messages: list[dict[str, Any]],
+    kwargs: dict[str, Any],
+    tools: ToolFormat | None,
+    images: list[Any],
 ) -> Prompt:
     if tools is not None:
         kwargs = {**kwargs, "tools": tools.tools}
     try:
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        text = engine.apply_chat_template(messages, **kwargs)
     except Exception as exc:  # the model's template rejected these messages (roles, order)
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
     ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
-    return Prompt(ids, prompt_opens_thinking(text), tools)
+    media = VisionInput(text, tuple(images)) if isinstance(engine, VisionEngine) else None
+    return Prompt(ids, prompt_opens_thinking(text), tools, media)
 
 
 def _finish_reason(last: Delta, calls: list[dict[str, Any]]) -> str | None:
@@ -184,6 +210,7 @@ def _logprobs(entries: list[TokenLogprob], params: SamplingParams) -> dict[str, 
 
 
 def _usage(prompt_tokens: int, last: Delta) -> dict[str, int]:
+    prompt_tokens = last.prompt_tokens or prompt_tokens  # the engine's count includes image tokens
     completion = last.completion_tokens
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 

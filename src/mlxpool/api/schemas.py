@@ -57,16 +57,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
-    def as_template_input(self) -> dict[str, Any]:
-        """The message as chat templates take it: text parts joined; other parts are refused (no vision yet)."""
-        content = self.content
+    def as_template_input(self, vision: bool = False) -> dict[str, Any]:
+        """The message as chat templates take it. Text models: text parts joined, others refused. Vision models:
+        a list of text parts and `{"type": "image"}` placeholders, in the order the images were given."""
+        content: Any = self.content
         if isinstance(content, list):
-            other = [part.type for part in content if part.type != "text"]
+            allowed = ("text", "image_url") if vision else ("text",)
+            other = [part.type for part in content if part.type not in allowed]
             if other:
                 raise InvalidRequestError(
                     f"content parts of type {other[0]!r} are not supported by this model", param="messages"
                 )
-            content = "".join(part.text or "" for part in content)
+            if vision:
+                content = [{"type": "text", "text": p.text or ""} if p.type == "text" else {"type": "image"}
+                           for p in content]  # fmt: skip
+            else:
+                content = "".join(part.text or "" for part in content)
         extra = dict(self.model_extra or {})
         if isinstance(extra.get("tool_calls"), list):
             extra["tool_calls"] = [_decoded_arguments(call) for call in extra["tool_calls"]]

@@ -20,6 +20,10 @@ def load_engine(spec: ModelSpec, path: Path, worker: Worker) -> Task[Engine]:
         from mlxpool.engines.chat import load_chat
 
         return (yield from load_chat(spec, path, worker))
+    if spec.kind in ("vision", "ocr"):
+        from mlxpool.engines.vision import load_vision
+
+        return (yield from load_vision(spec, path, worker))
     raise UnsupportedKindError(f"model {spec.name!r}: kind {spec.kind!r} has no engine in this version")
 
 

@@ -59,6 +59,8 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
     """Set when the step that was to produce this failed; the sequence ends with it."""
+    prompt_tokens: int = 0
+    """Tokens the model read for the prompt (with image tokens, for vision models)."""
 
 
 @dataclass(eq=False)
@@ -73,26 +75,25 @@ class Sequence:
     emitted: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """Entries of tokens whose text has not been sent yet."""
+    media: Any = None
+    """What a vision model reads besides the text (see engines/vision.py)."""
+    prompt_tokens: int = 0
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
 class ChatEngine:
-    def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
-        from mlx_lm.generate import BatchGenerator
+    """mlx-lm text models. Subclasses swap the batch generator (`_make_generator`, `_insert`, `_next`, `_remove`)."""
 
+    def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.worker = worker
-        self.context_length = int(config.get("max_position_embeddings") or 0) or None
-        self.vocab_size = int(config.get("vocab_size") or len(tokenizer.vocab))
+        text_config = config.get("text_config") or config
+        self.context_length = int(text_config.get("max_position_embeddings") or 0) or None
+        self.vocab_size = int(text_config.get("vocab_size") or config.get("vocab_size") or len(tokenizer.vocab))
         self._llg_tokenizer: Any = None
-        self.generator: Any = BatchGenerator(
-            model,
-            stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-            completion_batch_size=spec.max_batch_size,
-            prefill_step_size=spec.prefill_step_size,
-        )
+        self.generator: Any = self._make_generator()
         self._incoming: deque[Sequence] = deque()
         self._active: dict[int, Sequence] = {}
         self.steps = 0
@@ -100,9 +101,12 @@ class ChatEngine:
 
     # --- loop side -------------------------------------------------------------------------------------------
 
-    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncGenerator[Delta, None]:
+    async def generate(
+        self, prompt: list[int], params: SamplingParams, media: Any = None
+    ) -> AsyncGenerator[Delta, None]:
         """Stream the completion of `prompt`. Leaving early (client gone) drops the sequence at the next step."""
-        sequence = Sequence(prompt, params, asyncio.Queue(), self.tokenizer.detokenizer)
+        sequence = Sequence(prompt, params, asyncio.Queue(), self.tokenizer.detokenizer, media=media)
+        sequence.prompt_tokens = len(prompt)
         self._incoming.append(sequence)
         self.worker.wake()
         try:
@@ -116,6 +120,11 @@ class ChatEngine:
         finally:
             sequence.cancelled = True
             self.worker.wake()
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """The prompt text for `messages`, ending where the assistant's answer begins."""
+        text: str = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        return text
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -137,22 +146,51 @@ class ChatEngine:
             return
         self.steps += 1
         try:
-            _, responses = self.generator.next()
+            responses = self._next()
         except Exception as exc:  # a failed step fails every sequence in it, the engine goes on
             for sequence in self._active.values():
-                _send(sequence, Delta("", "error", sequence.tokens, error=str(exc) or type(exc).__name__))
-            self.generator.remove(list(self._active))
+                _fail(sequence, exc)
+            self._remove(list(self._active))
             self._active.clear()
             return
-        for response in responses:
-            if (active := self._active.get(response.uid)) is not None:
-                if active.params.logprobs is not None and response.finish_reason != "stop":
-                    active.logprobs.append(self._logprob(response.token, response.logprobs, active.params.logprobs))
-                self._advance(active, response.token, response.finish_reason)
+        for uid, token, finish_reason, logprobs in responses:
+            if (active := self._active.get(uid)) is not None:
+                if active.params.logprobs is not None and finish_reason != "stop":
+                    active.logprobs.append(self._logprob(token, logprobs, active.params.logprobs))
+                self._advance(active, token, finish_reason)
 
     def close(self) -> None:
         self.generator.close()
         del self.generator, self.model
+
+    # --- the batch generator (mlx-lm's here) -----------------------------------------------------------------
+
+    def _make_generator(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
+            completion_batch_size=self.spec.max_batch_size,
+            prefill_step_size=self.spec.prefill_step_size,
+        )
+
+    def _insert(self, sequence: Sequence, sampler: Any, processors: list[Any]) -> int:
+        (uid,) = self.generator.insert(
+            [sequence.prompt], max_tokens=[sequence.params.max_tokens], samplers=[sampler],
+            logits_processors=[processors],
+        )  # fmt: skip
+        return int(uid)
+
+    def _next(self) -> list[tuple[int, int, str | None, Any]]:
+        """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
+        _, responses = self.generator.next()
+        return [(r.uid, r.token, r.finish_reason, r.logprobs) for r in responses]
+
+    def _remove(self, uids: list[int]) -> None:
+        self.generator.remove(uids)
+
+    # --- sequences ---------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -170,13 +208,14 @@ class ChatEngine:
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
             )
-            if p.grammar is not None:
-                processors.append(GrammarProcessor(p.grammar, self._grammar_tokenizer(), self.vocab_size))
-            (uid,) = self.generator.insert(
-                [sequence.prompt], max_tokens=[p.max_tokens], samplers=[sampler], logits_processors=[processors]
-            )
-            sequence.uid = uid
-            self._active[uid] = sequence
+            try:
+                if p.grammar is not None:
+                    processors.append(GrammarProcessor(p.grammar, self._grammar_tokenizer(), self.vocab_size))
+                sequence.uid = self._insert(sequence, sampler, processors)
+            except Exception as exc:  # this request's input could not be read; the others go on
+                _fail(sequence, exc)
+                continue
+            self._active[sequence.uid] = sequence
 
     def _grammar_tokenizer(self) -> Any:
         if self._llg_tokenizer is None:
@@ -186,7 +225,7 @@ class ChatEngine:
     def _drop_cancelled(self) -> None:
         gone = [uid for uid, sequence in self._active.items() if sequence.cancelled]
         if gone:
-            self.generator.remove(gone)
+            self._remove(gone)
             for uid in gone:
                 del self._active[uid]
 
@@ -204,7 +243,7 @@ class ChatEngine:
         stop_at = min((i for s in stops if (i := text.find(s, max(0, sequence.emitted - len(s)))) >= 0), default=-1)
         if stop_at >= 0:
             if finish is None:
-                self.generator.remove([sequence.uid])
+                self._remove([sequence.uid])  # type: ignore[list-item]
             end, finish = stop_at, "stop"
         elif finish is None and stops:
             end -= max(len(s) for s in stops) - 1  # hold back what may be the start of a stop string
@@ -212,7 +251,8 @@ class ChatEngine:
             del self._active[sequence.uid]  # type: ignore[arg-type]
         if end > sequence.emitted or finish is not None:
             piece = text[sequence.emitted : max(end, sequence.emitted)]
-            _send(sequence, Delta(piece, finish, sequence.tokens, tuple(sequence.logprobs)))
+            logprobs = tuple(sequence.logprobs)
+            _send(sequence, Delta(piece, finish, sequence.tokens, logprobs, prompt_tokens=sequence.prompt_tokens))
             sequence.emitted = max(end, sequence.emitted)
             sequence.logprobs = []
 
@@ -230,6 +270,10 @@ class ChatEngine:
 
 def _send(sequence: Sequence, delta: Delta) -> None:
     sequence.loop.call_soon_threadsafe(sequence.queue.put_nowait, delta)
+
+
+def _fail(sequence: Sequence, exc: Exception) -> None:
+    _send(sequence, Delta("", "error", sequence.tokens, error=str(exc) or type(exc).__name__))
 
 
 def load_chat(spec: ModelSpec, path: Path, worker: Worker) -> Task[ChatEngine]:
