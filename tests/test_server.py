@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import socket
@@ -11,10 +13,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 
 def free_ports(n: int) -> list[int]:
@@ -85,6 +89,22 @@ def test_both_ports_serve_every_route(server: Running) -> None:
         assert len(response.data) == 2 and len(response.data[0].embedding) == 32
         assert {m.id for m in client.models.list().data} >= {"demo-embedding", "demo-bert"}
         assert httpx.get(f"{server.url(i)}/health").json() == {"status": "ok"}
+
+
+def test_the_demo_serves_chat_vision_and_ocr(server: Running) -> None:
+    client = openai.OpenAI(base_url=f"{server.url(1)}/v1", api_key="unused")
+    answer = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert answer.model == "demo-chat" and answer.choices[0].finish_reason == "length"
+    png = io.BytesIO()
+    Image.new("RGB", (40, 40), (0, 128, 255)).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    content: Any = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+    seen = client.chat.completions.create(
+        model="demo-vision", messages=[{"role": "user", "content": content}], max_tokens=4
+    )
+    assert seen.usage is not None and seen.usage.completion_tokens == 4
+    ocr = httpx.post(f"{server.url(0)}/v1/ocr", data={"model": "demo-ocr"}, files={"file": ("a.png", png.getvalue())})
+    assert ocr.status_code == 200 and len(ocr.json()["pages"]) == 1
 
 
 def test_cli_status_health_load_unload(server: Running) -> None:

@@ -322,7 +322,7 @@ def demo_config(root: Path) -> dict[str, Any]:
             "path": str(paths[name]),
             "default": first,
             "memory_reserve": "16MB",
-            "preload": first,
+            "preload": first and kind in ("embedding", "asr"),  # the resident kinds; the others load on use
             "aliases": [kind] if first else [],
         }
     return {"models": models}

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from mlxpool.api import admin, chat, embeddings, models
+from mlxpool.api import admin, chat, embeddings, models, ocr
 from mlxpool.api.disconnect import ClientDisconnected
 from mlxpool.api.errors import EXCEPTION_HANDLERS
 from mlxpool.api.limits import BodyLimit
@@ -31,6 +31,7 @@ OPENAI_ROUTES = [
     ("/chat/completions", chat.create_chat_completion, ["POST"]),
     ("/completions", chat.create_completion, ["POST"]),
     ("/embeddings", embeddings.create_embeddings, ["POST"]),
+    ("/ocr", ocr.create_ocr, ["POST"]),
     ("/models", models.list_models, ["GET"]),
     ("/models/{model:path}", models.get_model, ["GET"]),
 ]

@@ -70,7 +70,7 @@ async def create_completion(request: Request) -> Response:
 async def _complete(request: Request, body: ChatRequest | CompletionRequest, prompt: Any, chat: bool) -> Response:
     pool: ModelPool = request.app.state.pool
     entry = pool.resolve(body.model)
-    if entry.spec.kind not in ("chat", "vision"):
+    if entry.spec.kind not in ("chat", "vision", "ocr"):
         raise UnsupportedKindError(
             f"model {entry.spec.name!r} is a {entry.spec.kind} model; this route needs a chat model", param="model"
         )
