@@ -56,9 +56,15 @@ class FakeEngine:
     pending: int = 0
     closed: bool = False
     threads: set[str] = field(default_factory=set)
+    cache_bytes: int = 0
+    trims: list[int] = field(default_factory=list)
 
     def has_work(self) -> bool:
         return self.pending > 0
+
+    def trim_cache(self, max_bytes: int) -> None:
+        self.trims.append(max_bytes)
+        self.cache_bytes = min(self.cache_bytes, max_bytes)
 
     def step(self) -> None:
         self.threads.add(threading.current_thread().name)

@@ -164,6 +164,9 @@ class ModelSpec(BaseModel):
     """Chat: prompt tokens read per worker step, so a long prompt does not hold up other work."""
     max_tokens: int = Field(default=2048, ge=1)
     """Chat: completion length when a request gives no `max_tokens`."""
+    prompt_cache_size: int = Field(default=8, ge=0)
+    """Chat: finished conversations whose KV cache is kept to reuse their prefix (multi-turn); 0: off. Their bytes
+    count against the memory budget and are trimmed (oldest first) before any model is evicted."""
     prompt: str | None = None
     """OCR: the instruction sent with an image when the request gives no text (`OCR:` if unset)."""
     max_batch_tokens: int = Field(default=8192, ge=1)

@@ -31,6 +31,12 @@ class InvalidImageError(InvalidRequestError):
     code = "invalid_image"
 
 
+class InvalidAudioError(InvalidRequestError):
+    """An audio file that is empty, not a readable container, has no audio stream, or decodes to nothing."""
+
+    code = "invalid_audio"
+
+
 class ModelNotFoundError(MlxpoolError):
     status = 404
     type = "invalid_request_error"

@@ -344,3 +344,40 @@ async def test_unload_of_a_model_in_use_past_the_timeout_is_a_503(make_pool: Poo
         with pytest.raises(ServiceUnavailableError, match="still in use by 1 request"):
             await pool.unload("a")
     assert state(pool, "a") is ModelState.READY
+
+
+async def test_caches_are_trimmed_before_any_model_is_evicted(make_pool: PoolFactory) -> None:
+    loader = FakeLoader({"a": MB, "b": MB})
+    pool = make_pool({"a": {}, "b": {}}, loader, budget=3 * MB)
+    await use(pool, "a")
+    loader.engines["a"].cache_bytes = MB + MB // 2  # a's prompt cache grew
+    assert pool.entries["a"].footprint >= 2 * MB + MB // 2  # the cache counts against the budget
+    await use(pool, "b")  # b needs about 1 MiB: trimming a's cache frees it
+    await settle(pool)
+    assert state(pool, "a") is ModelState.READY and state(pool, "b") is ModelState.READY
+    assert loader.engines["a"].trims and 0 < loader.engines["a"].cache_bytes < MB
+    assert pool.used() <= pool.budget
+
+
+async def test_a_model_is_evicted_when_trimming_its_cache_is_not_enough(make_pool: PoolFactory) -> None:
+    loader = FakeLoader({"a": MB, "b": 2 * MB})
+    pool = make_pool({"a": {}, "b": {}}, loader, budget=3 * MB)
+    await use(pool, "a")
+    loader.engines["a"].cache_bytes = MB // 2
+    await use(pool, "b")
+    await settle(pool)
+    assert loader.engines["a"].trims == [0]  # the whole cache went first
+    assert state(pool, "a") is ModelState.ABSENT and state(pool, "b") is ModelState.READY
+
+
+async def test_a_cache_grown_past_the_budget_is_trimmed_when_the_request_ends(make_pool: PoolFactory) -> None:
+    loader = FakeLoader({"a": MB, "b": MB})
+    pool = make_pool({"a": {}, "b": {}}, loader, budget=3 * MB)
+    await use(pool, "b")
+    async with pool.acquire("a"):
+        loader.engines["a"].cache_bytes = 2 * MB  # grows while serving: now over budget
+    await settle(pool)
+    while pool.used() > pool.budget:
+        await asyncio.sleep(0.005)
+    assert state(pool, "b") is ModelState.READY  # trimmed, nothing evicted
+    assert loader.engines["a"].trims

@@ -93,7 +93,7 @@ class _Answer:
     content: str
     tool_calls: list[dict[str, Any]]
     finish_reason: str
-    usage: dict[str, int]
+    usage: dict[str, Any]
     logprobs: dict[str, Any] | None
 
 
@@ -209,10 +209,15 @@ def _logprobs(entries: list[TokenLogprob], params: SamplingParams) -> dict[str, 
     }
 
 
-def _usage(prompt_tokens: int, last: Delta) -> dict[str, int]:
+def _usage(prompt_tokens: int, last: Delta) -> dict[str, Any]:
     prompt_tokens = last.prompt_tokens or prompt_tokens  # the engine's count includes image tokens
     completion = last.completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
+    }
 
 
 def _sse(data: dict[str, Any]) -> bytes:
@@ -284,6 +289,6 @@ class _Shape:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
         return self._envelope("chat.completion.chunk", [choice])
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._envelope(kind, []), "usage": usage}

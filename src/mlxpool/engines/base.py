@@ -13,6 +13,13 @@ from mlxpool.worker import Task, Worker
 class Engine(Protocol):
     """One loaded model. `has_work`/`step` run on the worker; `close` drops the weights (worker too)."""
 
+    cache_bytes: int
+    """Bytes of caches that grow with use (prompt/KV caches), published by the worker; read on the loop."""
+
+    def trim_cache(self, max_bytes: int) -> None:
+        """Shrink the caches to at most `max_bytes` (worker)."""
+        ...
+
     def has_work(self) -> bool: ...
 
     def step(self) -> None: ...

@@ -61,6 +61,8 @@ class Delta:
     """Set when the step that was to produce this failed; the sequence ends with it."""
     prompt_tokens: int = 0
     """Tokens the model read for the prompt (with image tokens, for vision models)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prompt cache instead of being computed."""
 
 
 @dataclass(eq=False)
@@ -78,11 +80,18 @@ class Sequence:
     media: Any = None
     """What a vision model reads besides the text (see engines/vision.py)."""
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
 class ChatEngine:
-    """mlx-lm text models. Subclasses swap the batch generator (`_make_generator`, `_insert`, `_next`, `_remove`)."""
+    """mlx-lm text models. Subclasses swap the batch generator (`_make_generator`, `_insert`, `_next`, `_remove`).
+
+    Finished sequences leave their KV cache in an LRU prompt cache (mlx-lm's), keyed by their tokens; a new
+    prompt that shares a prefix with one (the next turn of a conversation) starts from it.
+    """
+
+    reuses_prompts = True
 
     def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
         self.model = model
@@ -94,6 +103,13 @@ class ChatEngine:
         self.vocab_size = int(text_config.get("vocab_size") or config.get("vocab_size") or len(tokenizer.vocab))
         self._llg_tokenizer: Any = None
         self.generator: Any = self._make_generator()
+        self.prompt_cache: Any = None
+        if self.reuses_prompts and spec.prompt_cache_size > 0:
+            from mlx_lm.models.cache import LRUPromptCache
+
+            self.prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_size)
+        self.cache_bytes = 0
+        self.cached_tokens = 0
         self._incoming: deque[Sequence] = deque()
         self._active: dict[int, Sequence] = {}
         self.steps = 0
@@ -132,6 +148,9 @@ class ChatEngine:
             "queued_sequences": len(self._incoming),
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
+            "cached_tokens": self.cached_tokens,
+            "prompt_cache_entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
+            "cache_bytes": self.cache_bytes,
         }
 
     # --- worker side -----------------------------------------------------------------------------------------
@@ -161,7 +180,15 @@ class ChatEngine:
 
     def close(self) -> None:
         self.generator.close()
-        del self.generator, self.model
+        del self.generator, self.model, self.prompt_cache
+
+    def trim_cache(self, max_bytes: int) -> None:
+        if self.prompt_cache is None or self.cache_bytes <= max_bytes:
+            return
+        live = self.cache_bytes - self.prompt_cache.nbytes
+        self.prompt_cache.trim_to(n_bytes=max(0, max_bytes - live))
+        self._count_cache()
+        mx.clear_cache()
 
     # --- the batch generator (mlx-lm's here) -----------------------------------------------------------------
 
@@ -176,16 +203,45 @@ class ChatEngine:
         )
 
     def _insert(self, sequence: Sequence, sampler: Any, processors: list[Any]) -> int:
+        prompt = sequence.prompt
+        cache, rest = self._cached_prefix(prompt)
+        cached = sequence.cached_tokens = len(prompt) - len(rest)
+        self.cached_tokens += cached
         (uid,) = self.generator.insert(
-            [sequence.prompt], max_tokens=[sequence.params.max_tokens], samplers=[sampler],
-            logits_processors=[processors],
+            [rest], max_tokens=[sequence.params.max_tokens], caches=[cache], all_tokens=[prompt[:cached]],
+            samplers=[sampler], logits_processors=[processors],
         )  # fmt: skip
+        self._count_cache()
         return int(uid)
 
     def _next(self) -> list[tuple[int, int, str | None, Any]]:
         """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
         _, responses = self.generator.next()
+        finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
+        if self.prompt_cache is not None and finished:
+            for r in finished:
+                self.prompt_cache.insert_cache(self.spec.name, list(r.all_tokens), r.prompt_cache)
+            self._count_cache()
         return [(r.uid, r.token, r.finish_reason, r.logprobs) for r in responses]
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[Any, list[int]]:
+        """The cached KV of the longest known prefix of `prompt` (a copy), and the tokens still to read."""
+        if self.prompt_cache is None:
+            return None, prompt
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.spec.name, prompt)
+        if cache is not None and not rest:  # the whole prompt is cached: read its last token again for logits
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, list(rest)
+
+    def _count_cache(self) -> None:
+        """Publish the bytes of the prompt cache and of the KV of sequences in flight."""
+        if self.prompt_cache is not None:
+            self.cache_bytes = self.prompt_cache.nbytes + self.generator.prompt_cache_nbytes
 
     def _remove(self, uids: list[int]) -> None:
         self.generator.remove(uids)
@@ -252,7 +308,10 @@ class ChatEngine:
         if end > sequence.emitted or finish is not None:
             piece = text[sequence.emitted : max(end, sequence.emitted)]
             logprobs = tuple(sequence.logprobs)
-            _send(sequence, Delta(piece, finish, sequence.tokens, logprobs, prompt_tokens=sequence.prompt_tokens))
+            delta = Delta(
+                piece, finish, sequence.tokens, logprobs, None, sequence.prompt_tokens, sequence.cached_tokens
+            )
+            _send(sequence, delta)
             sequence.emitted = max(end, sequence.emitted)
             sequence.logprobs = []
 

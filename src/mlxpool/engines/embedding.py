@@ -136,6 +136,11 @@ class EmbeddingEngine:
         del self.model
         self._queue.clear()
 
+    cache_bytes = 0  # nothing grows with use
+
+    def trim_cache(self, max_bytes: int) -> None:
+        pass
+
     def _take_batch(self) -> list[tuple[EmbedRequest, int]]:
         batch: list[tuple[EmbedRequest, int]] = []
         longest = 0

@@ -53,6 +53,7 @@ class ModelPool:
         self._names = settings.name_table()
         self._changed = asyncio.Event()
         self._preloads: list[asyncio.Task[None]] = []
+        self._trimming: asyncio.Task[None] | None = None
 
     # --- names ---------------------------------------------------------------------------------------------
 
@@ -242,15 +243,47 @@ class ModelPool:
         return None
 
     def _restore_budget(self, keep: ModelEntry | None = None) -> None:
-        """Evict idle models while the pool is over budget (a model measured more than its estimate).
+        """Get back under budget (a model measured more than its estimate, or caches grew): trim the models'
+        caches first, then evict idle models.
 
         Runs after each load and whenever a model's last lease ends, so an excess that could not be evicted at
         once (every other model in use) lasts only until a lease ends.
         """
-        leaving = sum(e.footprint for e in self.entries.values() if e.state is ModelState.UNLOADING)
-        over = self.used() - leaving - self.budget
+        over = self._over_budget()
         if over <= 0:
             return
+        if any(e.cache_bytes for e in self.entries.values()):
+            if self._trimming is None or self._trimming.done():
+                self._trimming = asyncio.create_task(self._trim_then_evict(over, keep))
+            return
+        self._evict_over(over, keep)
+
+    def _over_budget(self) -> int:
+        leaving = sum(e.footprint for e in self.entries.values() if e.state is ModelState.UNLOADING)
+        return self.used() - leaving - self.budget
+
+    async def _trim_then_evict(self, over: int, keep: ModelEntry | None) -> None:
+        await self._trim_caches(over)
+        if (over := self._over_budget()) > 0:
+            self._evict_over(over, keep)
+
+    async def _trim_caches(self, need: int) -> bool:
+        """Shrink the models' caches by up to `need` bytes, least recently used model first; True if any shrank."""
+        freed = 0
+        for entry in sorted((e for e in self.entries.values() if e.cache_bytes), key=lambda e: e.last_used):
+            before, engine = entry.cache_bytes, entry.engine
+            if engine is None or not before:  # unloaded meanwhile
+                continue
+            target = max(0, before - (need - freed))
+            await self.worker.call(lambda: engine.trim_cache(target))  # noqa: B023 (awaited at once)
+            freed += before - engine.cache_bytes
+            if freed >= need:
+                break
+        if freed:
+            log.info("trimmed %s of caches for memory", human_bytes(freed))
+        return freed > 0
+
+    def _evict_over(self, over: int, keep: ModelEntry | None) -> None:
         residents = [r for r in self._residents() if keep is None or r.name != keep.spec.name]
         victims = choose_victims(residents, over) or []
         log.warning("%s over the memory budget; evicting %s", human_bytes(over), ", ".join(victims) or "nothing yet")
@@ -295,6 +328,8 @@ class ModelPool:
         try:
             async with asyncio.timeout(self.server.load_timeout):
                 while (short := need - (self.budget - self.used())) > 0:
+                    if await self._trim_caches(short):
+                        continue
                     victims = choose_victims(self._residents(), short)
                     if victims is None:
                         await self._wait_change()
@@ -332,7 +367,8 @@ class ModelPool:
         try:
             if engine is not None:
                 self.worker.remove_engine(engine)
-                active = await self.worker.call(lambda: _free(engine, entry.measured or 0))
+                size = (entry.measured or 0) + engine.cache_bytes
+                active = await self.worker.call(lambda: _free(engine, size))
                 log.info("unloaded %s; MLX active memory now %s", entry.spec.name, human_bytes(active))
         finally:
             entry.state = ModelState.ABSENT

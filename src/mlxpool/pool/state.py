@@ -54,7 +54,12 @@ class ModelEntry:
             return 0
         if self.state is ModelState.LOADING or self.measured is None:
             return self.estimate
-        return self.measured
+        return self.measured + self.cache_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the engine's growing caches (prompt cache, KV of sequences in flight)."""
+        return self.engine.cache_bytes if self.engine is not None and self.state is ModelState.READY else 0
 
     @property
     def idle(self) -> bool:
