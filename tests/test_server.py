@@ -93,17 +93,20 @@ def test_both_ports_serve_every_route(server: Running) -> None:
 
 def test_the_demo_serves_chat_vision_and_ocr(server: Running) -> None:
     client = openai.OpenAI(base_url=f"{server.url(1)}/v1", api_key="unused")
-    answer = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    answer = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert answer.model == "demo-chat" and answer.choices[0].finish_reason == "length"
     png = io.BytesIO()
     Image.new("RGB", (40, 40), (0, 128, 255)).save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     content: Any = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
     seen = client.chat.completions.create(
-        model="demo-vision", messages=[{"role": "user", "content": content}], max_tokens=4
+        model="demo-vision", messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0
     )
     assert seen.usage is not None and seen.usage.completion_tokens == 4
-    ocr = httpx.post(f"{server.url(0)}/v1/ocr", data={"model": "demo-ocr"}, files={"file": ("a.png", png.getvalue())})
+    files = {"file": ("a.png", png.getvalue())}
+    ocr = httpx.post(f"{server.url(0)}/v1/ocr", data={"model": "demo-ocr"}, files=files, timeout=120)
     assert ocr.status_code == 200 and len(ocr.json()["pages"]) == 1
 
 

@@ -332,13 +332,13 @@ async def test_a_failed_generation_step_is_a_500_and_the_engine_goes_on(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await greedy(served, max_tokens=1)
-    generator = engine(served).generator
-    real = generator.next
+    chat = engine(served)
+    real = chat._next
 
     def broken() -> Any:
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(generator, "next", broken)
+    monkeypatch.setattr(chat, "_next", broken)  # the model step, alone or batched
     response = await served.http.post("/v1/chat/completions", json={"model": "chat", "messages": HELLO})
     assert response.status_code == 500
     assert (
@@ -348,7 +348,7 @@ async def test_a_failed_generation_step_is_a_500_and_the_engine_goes_on(
     async with served.http.stream("POST", "/v1/chat/completions", json=body) as stream:
         lines = [line async for line in stream.aiter_lines() if line.startswith("data:")]
     assert '"generation_failed"' in lines[-2] and lines[-1] == "data: [DONE]"
-    monkeypatch.setattr(generator, "next", real)
+    monkeypatch.setattr(chat, "_next", real)
     assert (await greedy(served, max_tokens=3)).choices[0].finish_reason == "length"
 
 

@@ -39,8 +39,9 @@ async def turn(s: Served, model: str, messages: list[dict[str, Any]], **kwargs: 
 
 
 def engine(s: Served, name: str) -> ChatEngine:
-    assert isinstance(s.pool.entries[name].engine, ChatEngine)
-    return s.pool.entries[name].engine
+    chat = s.pool.entries[name].engine
+    assert isinstance(chat, ChatEngine)
+    return chat
 
 
 @pytest.mark.parametrize("stream", [False, True])

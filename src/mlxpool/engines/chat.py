@@ -18,10 +18,14 @@ from typing import Any
 import mlx.core as mx
 
 from mlxpool.config import ModelSpec
+from mlxpool.engines.solo import SoloDecoder
 from mlxpool.engines.structured import GrammarProcessor, llg_tokenizer
 from mlxpool.engines.weights import materialize
 from mlxpool.errors import GenerationError
 from mlxpool.worker import Task, Worker
+
+SOLO = -1
+"""The uid of the sequence decoding alone (BatchGenerator's uids start at 0)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class ChatEngine:
     """
 
     reuses_prompts = True
+    decodes_alone = True
+    """A sequence that is the only one decodes without the batch (engines/solo.py) until another arrives."""
 
     def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
         self.model = model
@@ -108,8 +114,11 @@ class ChatEngine:
             from mlx_lm.models.cache import LRUPromptCache
 
             self.prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_size)
+        self._solo: SoloDecoder | None = None
         self.cache_bytes = 0
         self.cached_tokens = 0
+        self.alone = 0
+        self.handoffs = 0
         self._incoming: deque[Sequence] = deque()
         self._active: dict[int, Sequence] = {}
         self.steps = 0
@@ -149,6 +158,8 @@ class ChatEngine:
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
             "cached_tokens": self.cached_tokens,
+            "sequences_alone": self.alone,
+            "handoffs": self.handoffs,
             "prompt_cache_entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
             "cache_bytes": self.cache_bytes,
         }
@@ -174,9 +185,7 @@ class ChatEngine:
             return
         for uid, token, finish_reason, logprobs in responses:
             if (active := self._active.get(uid)) is not None:
-                if active.params.logprobs is not None and finish_reason != "stop":
-                    active.logprobs.append(self._logprob(token, logprobs, active.params.logprobs))
-                self._advance(active, token, finish_reason)
+                self._deliver(active, token, finish_reason, logprobs)
 
     def close(self) -> None:
         self.generator.close()
@@ -216,6 +225,8 @@ class ChatEngine:
 
     def _next(self) -> list[tuple[int, int, str | None, Any]]:
         """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
+        if self._solo is not None:
+            return self._solo_step()
         _, responses = self.generator.next()
         finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
         if self.prompt_cache is not None and finished:
@@ -240,11 +251,72 @@ class ChatEngine:
 
     def _count_cache(self) -> None:
         """Publish the bytes of the prompt cache and of the KV of sequences in flight."""
-        if self.prompt_cache is not None:
-            self.cache_bytes = self.prompt_cache.nbytes + self.generator.prompt_cache_nbytes
+        if not self.reuses_prompts:
+            return
+        cached = self.prompt_cache.nbytes if self.prompt_cache is not None else 0
+        alone = self._solo.nbytes if self._solo is not None else 0
+        self.cache_bytes = cached + self.generator.prompt_cache_nbytes + alone
 
     def _remove(self, uids: list[int]) -> None:
-        self.generator.remove(uids)
+        if SOLO in uids:
+            self._solo = None
+            uids = [uid for uid in uids if uid != SOLO]
+        if uids:
+            self.generator.remove(uids)
+
+    # --- one sequence alone ----------------------------------------------------------------------------------
+
+    def _start_solo(self, sequence: Sequence, sampler: Any, processors: list[Any]) -> int:
+        prompt = sequence.prompt
+        cache, rest = self._cached_prefix(prompt)
+        sequence.cached_tokens = len(prompt) - len(rest)
+        self.cached_tokens += sequence.cached_tokens
+        p = sequence.params
+        self._solo = SoloDecoder(
+            self.model, prompt, cache, rest, sampler, processors, p.max_tokens, self.spec.prefill_step_size
+        )
+        self._count_cache()
+        self.alone += 1
+        return SOLO
+
+    def _solo_step(self) -> list[tuple[int, int, str | None, Any]]:
+        solo = self._solo
+        assert solo is not None
+        produced = solo.step()
+        if produced is None:  # still reading the prompt
+            return []
+        token, logprobs = produced
+        finish = self._finish_of(token, solo)
+        if finish is not None:
+            self._solo = None
+            if self.prompt_cache is not None:
+                self.prompt_cache.insert_cache(self.spec.name, solo.in_cache, solo.cache)
+            self._count_cache()
+        return [(SOLO, token, finish, logprobs)]
+
+    def _finish_of(self, token: int, solo: SoloDecoder) -> str | None:
+        if token in self.tokenizer.eos_token_ids:
+            return "stop"
+        return "length" if len(solo.tokens) >= solo.max_tokens else None
+
+    def _handoff(self) -> None:
+        """Another sequence arrives: the one decoding alone joins the batch, with its KV cache."""
+        solo, self._solo = self._solo, None
+        assert solo is not None
+        self.handoffs += 1
+        state = solo.handoff()
+        sequence = self._active[SOLO]
+        if state.produced is not None:
+            token, logprobs = state.produced
+            self._deliver(sequence, token, self._finish_of(token, solo), logprobs)
+        if SOLO not in self._active:  # that token ended it
+            return
+        (uid,) = self.generator.insert(
+            [state.to_read], max_tokens=[solo.max_tokens - len(solo.tokens)], caches=[state.cache],
+            all_tokens=[state.cached_tokens], samplers=[solo.sampler], logits_processors=[solo.processors],
+        )  # fmt: skip
+        sequence.uid = uid
+        self._active[uid] = self._active.pop(SOLO)
 
     # --- sequences ---------------------------------------------------------------------------------------------
 
@@ -267,7 +339,12 @@ class ChatEngine:
             try:
                 if p.grammar is not None:
                     processors.append(GrammarProcessor(p.grammar, self._grammar_tokenizer(), self.vocab_size))
-                sequence.uid = self._insert(sequence, sampler, processors)
+                if self._solo is not None:
+                    self._handoff()
+                if self.decodes_alone and not self._active and not self._incoming:
+                    sequence.uid = self._start_solo(sequence, sampler, processors)
+                else:
+                    sequence.uid = self._insert(sequence, sampler, processors)
             except Exception as exc:  # this request's input could not be read; the others go on
                 _fail(sequence, exc)
                 continue
@@ -284,6 +361,11 @@ class ChatEngine:
             self._remove(gone)
             for uid in gone:
                 del self._active[uid]
+
+    def _deliver(self, sequence: Sequence, token: int, finish: str | None, logprobs: Any) -> None:
+        if sequence.params.logprobs is not None and finish != "stop":
+            sequence.logprobs.append(self._logprob(token, logprobs, sequence.params.logprobs))
+        self._advance(sequence, token, finish)
 
     def _advance(self, sequence: Sequence, token: int, finish: str | None) -> None:
         sequence.tokens += 1
