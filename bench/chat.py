@@ -63,8 +63,12 @@ def build_model(shape: str, root: Path) -> Path:
     return path
 
 
-def prompts(n: int, length: int, vocab: int) -> list[str]:
+def prompts(n: int, length: int, vocab: int | None) -> list[str]:
+    """`n` different prompts of about `length` tokens: random words of the word-level vocabulary, or (tiny model,
+    `vocab` None) random strings of "hello"/"world", a token each."""
     rng = random.Random(0)
+    if vocab is None:
+        return [" ".join(rng.choice(("hello", "world")) for _ in range(length)) for _ in range(n)]
     return [" ".join(f"w{rng.randrange(1, vocab - 1)}" for _ in range(length)) for _ in range(n)]
 
 
@@ -175,11 +179,13 @@ async def load_test(
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout) as client:
         # Warm-up: the same load once, so kernels for the batch shapes it produces are compiled (GPU backends
         # compile per new shape, and arrival timing decides which batch sizes occur).
-        for _ in range(warmups):
-            await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in texts[:clients]))
+        for round in range(warmups):
+            batch = texts[round * clients : (round + 1) * clients]
+            await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in batch))
+        batch = texts[warmups * clients : (warmups + 1) * clients]
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(one_stream(client, model, t, new_tokens) for t in texts[:clients]), return_exceptions=True
+            *(one_stream(client, model, t, new_tokens) for t in batch), return_exceptions=True
         )
         seconds = time.perf_counter() - start
     done = [r for r in results if isinstance(r, tuple)]
@@ -201,8 +207,13 @@ def serve_and_measure(
     port = free_port()
     process = start_mlxpool(path, port, workdir) if which == "mlxpool" else start_mlx_lm_server(path, port)
     model = "bench" if which == "mlxpool" else str(path)
+    results, used = [], 0
     try:
-        return [asyncio.run(load_test(port, model, texts, n, args.new_tokens, args.warmups)) for n in counts]
+        for n in counts:  # each load gets prompts no earlier load sent, unless --repeat-prompts
+            batch = texts if args.repeat_prompts else texts[used:]
+            results.append(asyncio.run(load_test(port, model, batch, n, args.new_tokens, args.warmups)))
+            used += n * (args.warmups + 1)
+        return results
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -217,18 +228,20 @@ def main() -> None:
     parser.add_argument("--skip-mlx-lm-server", action="store_true")
     parser.add_argument("--warmups", type=int, default=1, help="unmeasured runs of each load before the measured one")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--repeat-prompts", action="store_true", help="send the same prompts in every load (prompt-cache hits)"
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         path = build_model(args.shape, workdir)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-        if args.shape == "tiny":
-            texts = [" ".join(["hello world"] * (args.prompt_tokens // 2))] * max(counts)
-        else:
-            texts = prompts(max(counts), args.prompt_tokens, vocab)
+        needed = max(counts) * (args.warmups + 1) if args.repeat_prompts else sum(counts) * (args.warmups + 1)
+        texts = prompts(needed, args.prompt_tokens, None if args.shape == "tiny" else vocab)
         result: dict[str, Any] = {
             "shape": args.shape,
+            "repeat_prompts": args.repeat_prompts,
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
         }
