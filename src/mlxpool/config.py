@@ -169,6 +169,8 @@ class ModelSpec(BaseModel):
     count against the memory budget and are trimmed (oldest first) before any model is evicted."""
     prompt: str | None = None
     """OCR: the instruction sent with an image when the request gives no text (`OCR:` if unset)."""
+    voice: str | None = None
+    """TTS: the default voice; the model's own default if unset."""
     max_batch_tokens: int = Field(default=8192, ge=1)
     """Embedding: most padded tokens in one forward pass."""
     max_input_tokens: int | None = Field(default=None, ge=1)

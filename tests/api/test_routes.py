@@ -129,12 +129,12 @@ async def test_a_failing_model_is_a_503_and_the_server_goes_on(serve: ServeFacto
         assert bad["state"] == "failed" and bad["failures"] == 1 and bad["retry_in"] > 0
 
 
-async def test_models_of_kinds_without_an_engine_fail_clearly(serve: ServeFactory, tmp_path: Path) -> None:
+async def test_a_directory_without_a_model_fails_to_load_clearly(serve: ServeFactory, tmp_path: Path) -> None:
     settings = make_settings({"speech": {"kind": "tts", "path": str(tmp_path)}})
     async with serve(settings) as s:
         response = await s.http.post("/admin/models/speech/load")
-        assert response.status_code == 400
-        assert "has no engine in this version" in response.json()["error"]["message"]
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_load_failed"
+        assert "'speech' failed to load" in response.json()["error"]["message"]
 
 
 async def test_missing_local_path_is_a_load_failure(serve: ServeFactory, tmp_path: Path) -> None:

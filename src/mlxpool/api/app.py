@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from mlxpool.api import admin, chat, embeddings, models, ocr
+from mlxpool.api import admin, audio, chat, embeddings, models, ocr, speech
 from mlxpool.api.disconnect import ClientDisconnected
 from mlxpool.api.errors import EXCEPTION_HANDLERS
 from mlxpool.api.limits import BodyLimit
@@ -32,6 +32,10 @@ OPENAI_ROUTES = [
     ("/completions", chat.create_completion, ["POST"]),
     ("/embeddings", embeddings.create_embeddings, ["POST"]),
     ("/ocr", ocr.create_ocr, ["POST"]),
+    ("/audio/transcriptions", audio.create_transcription, ["POST"]),
+    ("/audio/translations", audio.create_translation, ["POST"]),
+    ("/audio/speech", speech.create_speech, ["POST"]),
+    ("/audio/voices", speech.list_voices, ["GET"]),
     ("/models", models.list_models, ["GET"]),
     ("/models/{model:path}", models.get_model, ["GET"]),
 ]

@@ -20,10 +20,18 @@ def load_engine(spec: ModelSpec, path: Path, worker: Worker) -> Task[Engine]:
         from mlxpool.engines.chat import load_chat
 
         return (yield from load_chat(spec, path, worker))
+    if spec.kind == "asr":
+        from mlxpool.engines.asr import load_asr
+
+        return (yield from load_asr(spec, path, worker))
     if spec.kind in ("vision", "ocr"):
         from mlxpool.engines.vision import load_vision
 
         return (yield from load_vision(spec, path, worker))
+    if spec.kind == "tts":
+        from mlxpool.engines.tts import load_tts
+
+        return (yield from load_tts(spec, path, worker))
     raise UnsupportedKindError(f"model {spec.name!r}: kind {spec.kind!r} has no engine in this version")
 
 
