@@ -292,6 +292,18 @@ def build_tiny_vlm(out: Path) -> Path:
     return out
 
 
+def _build_tiny_whisper(out: Path) -> Path:
+    from mlxpool.demo_audio import build_tiny_whisper  # demo_audio imports this module's helpers
+
+    return build_tiny_whisper(out)
+
+
+def _build_tiny_kitten_tts(out: Path) -> Path:
+    from mlxpool.demo_audio import build_tiny_kitten_tts
+
+    return build_tiny_kitten_tts(out)
+
+
 # name -> (kind, builder)
 DEMO_MODELS = {
     "demo-embedding": ("embedding", build_tiny_qwen3_embedding),
@@ -299,6 +311,8 @@ DEMO_MODELS = {
     "demo-chat": ("chat", build_tiny_chat),
     "demo-vision": ("vision", build_tiny_vlm),
     "demo-ocr": ("ocr", build_tiny_vlm),
+    "demo-asr": ("asr", _build_tiny_whisper),
+    "demo-tts": ("tts", _build_tiny_kitten_tts),
 }
 
 

@@ -155,3 +155,20 @@ async def test_bad_input_is_a_clear_error_and_the_server_goes_on(
     error = response.json()["error"]
     assert error["param"] == param and says in error["message"]
     assert (await transcribe(served, wav(1))).status_code == 200
+
+
+async def test_a_client_that_leaves_stops_its_transcription(served: Served) -> None:
+    from mlxpool.api.audio_io import decode_audio_or_raise
+    from mlxpool.engines.asr import TranscribeOptions
+
+    await served.pool.load("asr")
+    engine = served.pool.entries["asr"].engine
+    assert isinstance(engine, AsrEngine)
+    audio = decode_audio_or_raise(wav(150), 16000)
+    before = engine.windows
+    windows = engine.transcribe(audio, TranscribeOptions(temperature=0.0))
+    await anext(windows)
+    await windows.aclose()  # what a disconnect does to the route's task
+    while engine.has_work():
+        await asyncio.sleep(0.01)
+    assert engine.windows - before < 4  # 150 s would take at least 5
