@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ class AsrEngine:
 
     # --- loop side -------------------------------------------------------------------------------------------
 
-    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> AsyncIterator[Window]:
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> AsyncGenerator[Window, None]:
         """The transcription of `audio` (mono float32 at `sample_rate`), a window at a time."""
         job = Job(audio, options)
         self._jobs.append(job)
