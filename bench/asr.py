@@ -54,9 +54,11 @@ def direct(model_path: Path, data: bytes, repeats: int) -> dict[str, Any]:
         float32_whisper(model)  # what the server does on CPU
     audio = decode_audio_or_raise(data, 16000)
     seconds = len(audio) / 16000
-    model.generate(audio, temperature=0.0)  # warm-up
-    best = min(_timed(lambda: model.generate(audio, temperature=0.0)) for _ in range(repeats))
-    text = model.generate(audio, temperature=0.0).text
+    fp16 = model.dtype == mx.float16 if is_whisper(model) else None
+    options = {"temperature": 0.0, **({"fp16": fp16} if fp16 is not None else {})}
+    model.generate(audio, **options)  # warm-up
+    best = min(_timed(lambda: model.generate(audio, **options)) for _ in range(repeats))
+    text = model.generate(audio, **options).text
     return {"audio_seconds": seconds, "wall_seconds": best, "rtf": seconds / best, "text": text}
 
 

@@ -352,7 +352,24 @@ async def test_a_failed_generation_step_is_a_500_and_the_engine_goes_on(
     assert (await greedy(served, max_tokens=3)).choices[0].finish_reason == "length"
 
 
-async def test_legacy_logprobs_are_refused_clearly(served: Served) -> None:
-    body = {"model": "chat", "prompt": "hi", "logprobs": 2}
-    response = await served.http.post("/v1/completions", json=body)
-    assert response.status_code == 400 and "use /v1/chat/completions" in response.json()["error"]["message"]
+@pytest.mark.parametrize("stream", [False, True])
+async def test_legacy_logprobs(served: Served, stream: bool) -> None:
+    kwargs: dict[str, Any] = {"model": "chat", "prompt": "hi", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    if stream:
+        chunks = [c async for c in await served.openai.completions.create(stream=True, **kwargs)]
+        parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [t for p in parts for t in p.tokens or []]
+        offsets = [o for p in parts for o in p.text_offset or []]
+        tops = [t for p in parts for t in p.top_logprobs or []]
+    else:
+        choice = (await served.openai.completions.create(**kwargs)).choices[0]
+        assert choice.logprobs is not None
+        text, tokens = choice.text, choice.logprobs.tokens or []
+        offsets, tops = choice.logprobs.text_offset or [], choice.logprobs.top_logprobs or []
+        assert all(lp <= 0 for lp in choice.logprobs.token_logprobs or [])
+    assert len(tokens) == 6 and "".join(tokens) == text
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(6)]
+    assert all(len(top) <= 3 and tok in top for top, tok in zip(tops, tokens, strict=True))  # greedy: the top one
+    refused = await served.http.post("/v1/completions", json={**kwargs, "logprobs": 6})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"

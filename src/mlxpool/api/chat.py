@@ -115,7 +115,7 @@ async def _collect(pool: ModelPool, shape: _Shape, prompt: Any, params: Sampling
             last = delta
     finish = str(_finish_reason(last, calls))
     usage = _usage(len(tokens.ids), last)
-    return _Answer("".join(reasoning), "".join(content), calls, finish, usage, _logprobs(logprobs, params))
+    return _Answer("".join(reasoning), "".join(content), calls, finish, usage, shape.logprobs(logprobs, params))
 
 
 async def _stream(
@@ -129,15 +129,16 @@ async def _stream(
             tokens = await _checked_prompt(engine, prompt, params)
             reader = shape.reader(tokens, streaming=True)
             yield _sse(shape.chunk(None, "", "", first=True))
-            called = False
+            called, offset = False, 0
             async for delta in engine.generate(tokens.ids, params, tokens.media):
                 reasoning, content, calls = reader.feed(delta.text, final=delta.finish_reason is not None)
                 called = called or bool(calls)
                 finish = _finish_reason(delta, [{}] if called else [])
                 if reasoning or content or calls or finish or delta.logprobs:
                     chunk = shape.chunk(finish, content, reasoning, calls=calls)
-                    chunk["choices"][0]["logprobs"] = _logprobs(list(delta.logprobs), params)
+                    chunk["choices"][0]["logprobs"] = shape.logprobs(list(delta.logprobs), params, offset)
                     yield _sse(chunk)
+                offset += sum(len(e.token) for e in delta.logprobs)
                 last = delta
         if include_usage:
             yield _sse(shape.usage_chunk(_usage(len(tokens.ids), last)))
@@ -196,16 +197,25 @@ def _finish_reason(last: Delta, calls: list[dict[str, Any]]) -> str | None:
     return "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
 
 
-def _logprobs(entries: list[TokenLogprob], params: SamplingParams) -> dict[str, Any] | None:
-    """OpenAI's `choices[].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}, or None when off."""
-    if params.logprobs is None:
-        return None
+def _logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's `choices[].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
 
     def item(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {
         "content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+    }
+
+
+def _legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """Legacy completions' logprobs: parallel lists, `text_offset` counted from the start of the completion."""
+    offsets = [offset + sum(len(e.token) for e in entries[:i]) for i in range(len(entries))]
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top) for e in entries],
+        "text_offset": offsets,
     }
 
 
@@ -251,6 +261,12 @@ class _Shape:
     def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
+    def logprobs(self, entries: list[TokenLogprob], params: SamplingParams, offset: int = 0) -> dict[str, Any] | None:
+        """`choices[].logprobs` in this route's shape, or None when the request did not ask for them."""
+        if params.logprobs is None:
+            return None
+        return _logprobs(entries) if self.chat else _legacy_logprobs(entries, offset)
+
     def reader(self, prompt: Prompt, streaming: bool) -> _Reader:
         return _Reader(prompt if self.chat else None, streaming)
 
@@ -265,7 +281,12 @@ class _Shape:
             choice = {"index": 0, "message": reply, "logprobs": answer.logprobs, "finish_reason": answer.finish_reason}
             body = self._envelope("chat.completion", [choice])
         else:
-            choice = {"index": 0, "text": answer.content, "finish_reason": answer.finish_reason}
+            choice = {
+                "index": 0,
+                "text": answer.content,
+                "logprobs": answer.logprobs,
+                "finish_reason": answer.finish_reason,
+            }
             body = self._envelope("text_completion", [choice])
         return {**body, "usage": answer.usage}
 

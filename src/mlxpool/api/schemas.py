@@ -231,11 +231,8 @@ class CompletionRequest(_Generation):
     """OpenAI API reference: Completions → Create completion (POST /v1/completions, legacy)."""
 
     prompt: str | list[str]
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """The log probability of each token and of the `logprobs` most likely alternatives (legacy API: up to 5)."""
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> None:
-        if value is not None:
-            raise ValueError("logprobs is not supported on /v1/completions yet; use /v1/chat/completions")
-        return None
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
