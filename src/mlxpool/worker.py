@@ -77,6 +77,8 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self.active_memory = 0
         """MLX active memory in bytes, refreshed after every step (read by the loop without calling MLX)."""
+        self.baseline_memory = 0
+        """MLX active memory when the worker started, before any model: what the budget comes on top of."""
         self.steps = 0
 
     def start(self) -> None:
@@ -130,6 +132,7 @@ class Worker:
             return []
 
     def _run(self) -> None:
+        self.baseline_memory = self.active_memory = mx.get_active_memory()
         while ready := self._runnable():
             for item in ready:
                 try:

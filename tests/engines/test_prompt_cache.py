@@ -23,7 +23,7 @@ def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def served(serve: ServeFactory, tiny_chat: Path) -> AsyncIterator[Served]:
     settings = make_settings(
         {
-            "cached": {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB"},
+            "cached": {"kind": "chat", "path": str(tiny_chat), "memory_reserve": 0},  # footprint: weights + caches
             "uncached": {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prompt_cache_size": 0},
         }
     )

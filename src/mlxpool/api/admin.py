@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -23,9 +25,11 @@ def describe(entry: ModelEntry, now: float) -> dict[str, Any]:
         "pinned": spec.pinned,
         "ttl": spec.ttl,
         "leases": entry.leases,
+        "waiting": entry.waiters,
         "idle_seconds": round(now - entry.last_used, 1) if entry.last_used else None,
         "estimated_bytes": entry.estimate or None,
         "measured_bytes": entry.measured,
+        "memory_bytes": entry.footprint,
         "failures": entry.failures,
         "error": entry.error,
         "retry_in": round(max(0.0, entry.retry_at - now), 1) if entry.state == "failed" else None,
@@ -34,12 +38,23 @@ def describe(entry: ModelEntry, now: float) -> dict[str, Any]:
     }
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux: /proc; elsewhere None)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def pool_status(pool: ModelPool) -> dict[str, Any]:
     now = pool.clock.now()
     return {
         "budget_bytes": pool.budget,
         "used_bytes": pool.used(),
         "active_memory_bytes": pool.worker.active_memory,
+        "baseline_memory_bytes": pool.worker.baseline_memory,
+        "rss_bytes": resident_bytes(),
         "worker_steps": pool.worker.steps,
         "ready": pool.ready,
         "models": [describe(entry, now) for entry in pool.entries.values()],

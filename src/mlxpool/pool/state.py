@@ -54,7 +54,8 @@ class ModelEntry:
             return 0
         if self.state is ModelState.LOADING or self.measured is None:
             return self.estimate
-        return self.measured + self.cache_bytes
+        # The estimate's reserve stays counted while loaded: it is the model's working memory (activations, KV).
+        return max(self.estimate, self.measured + self.cache_bytes)
 
     @property
     def cache_bytes(self) -> int:
