@@ -229,9 +229,25 @@ def load_tts(spec: ModelSpec, path: Path, worker: Worker) -> Task[TtsEngine]:
     from mlx_audio.tts import load
 
     model = load(path, lazy=True)
+    _share_phonemizer(model)
     yield
     yield from materialize(model)
     engine = TtsEngine(model, spec, path, worker)
     yield
     engine.warm_up()
     return engine
+
+
+_PHONEMIZERS: dict[type, Any] = {}
+
+
+def _share_phonemizer(model: Any) -> None:
+    """KittenTTS builds an espeak phonemizer per model instance, and each loads its own copy of libespeak-ng that
+    is never unloaded (~5 MB of RSS per load, found by bench/load.py's leak check): one per process instead. The
+    worker is its only user."""
+    if not (hasattr(model, "_phonemizer") and callable(getattr(model, "_get_phonemizer", None))):
+        return
+    kind = type(model)
+    if kind not in _PHONEMIZERS:
+        _PHONEMIZERS[kind] = model._get_phonemizer()
+    model._phonemizer = _PHONEMIZERS[kind]
