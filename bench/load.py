@@ -31,6 +31,8 @@ from typing import Any
 import aiohttp
 
 KINDS = ("chat", "embeddings", "asr", "tts")
+COMPLETIONS = False
+"""Send chat load to /v1/completions with a plain prompt (`--completions`), for models without a chat template."""
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,15 @@ class Client:
         return Record(kind, started, time.perf_counter() - started, None, False, tokens, first)
 
     async def chat(self, model: str, started: float) -> tuple[int, float | None]:
-        messages = [{"role": "user", "content": "Tell me a story."}]
-        body = {"model": model, "messages": messages, "stream": True, "max_tokens": self.chat_tokens,
-                "temperature": 0.7, "stream_options": {"include_usage": True}}  # fmt: skip
+        body: dict[str, Any] = {"model": model, "stream": True, "max_tokens": self.chat_tokens, "temperature": 0.7,
+                                "stream_options": {"include_usage": True}}  # fmt: skip
+        if COMPLETIONS:  # models without a chat template (random-weight benchmark models)
+            body["prompt"] = " ".join(f"w{i}" for i in range(1, 64))
+        else:
+            body["messages"] = [{"role": "user", "content": "Tell me a story."}]
+        route = "/v1/completions" if COMPLETIONS else "/v1/chat/completions"
         first, usage = None, 0
-        async with self.session.post("/v1/chat/completions", json=body) as response:
+        async with self.session.post(route, json=body) as response:
             await _raise_for(response)
             async for raw in response.content:
                 line = raw.decode().strip()
@@ -144,7 +150,8 @@ class Client:
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     raise HttpError(500, False)
-                if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                if first is None and (choice.get("text") or choice.get("delta", {}).get("content")):
                     first = time.perf_counter() - started
                 usage = (chunk.get("usage") or {}).get("completion_tokens", usage)
         return usage, first
@@ -335,6 +342,8 @@ def _growth(before: int | None, after: int | None) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    global COMPLETIONS
+    COMPLETIONS = args.completions
     scenario: Callable[[], Coroutine[Any, Any, dict[str, Any]]] = {
         "mix": lambda: _mix(args),
         "fairness": lambda: fairness(args.url, args.chat_model, args.embedding_model, args.streams, args.seconds),
@@ -369,6 +378,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--clients", type=int, default=256)
     top.add_argument("--cycles", type=int, default=100)
     top.add_argument("--chat-tokens", type=int, default=64)
+    top.add_argument("--completions", action="store_true", help="chat load through /v1/completions")
     top.add_argument("--out", type=Path)
     return top
 
