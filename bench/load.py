@@ -148,8 +148,9 @@ class Client:
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise HttpError(500, False)
+                if "error" in chunk:  # after the 200: the status the error would have had is in its code
+                    code = chunk["error"].get("code") or "error"
+                    raise HttpError(f"stream:{code}", code in UNAVAILABLE)
                 choice = chunk["choices"][0] if chunk.get("choices") else {}
                 if first is None and (choice.get("text") or choice.get("delta", {}).get("content")):
                     first = time.perf_counter() - started
@@ -179,8 +180,13 @@ class Client:
         return 0, None
 
 
+UNAVAILABLE = {"service_unavailable", "memory_budget_exceeded", "model_load_failed", "model_too_large",
+               "hub_unreachable", "hub_unauthorized", "disk_full", "model_not_downloaded"}  # fmt: skip
+"""mlxpool's 503 codes: in a stream that has started they arrive as an error event instead of a 503 + Retry-After."""
+
+
 class HttpError(Exception):
-    def __init__(self, status: int, retry_after: bool):
+    def __init__(self, status: int | str, retry_after: bool):
         super().__init__(status)
         self.status = status
         self.retry_after = retry_after

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,14 @@ def collect_earlier_garbage() -> None:
         gc.collect()
         gc.freeze()
     gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def logs_in_a_temporary_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers the tests start (they inherit the environment) write their log files here, not in ~/.mlxpool/logs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLXPOOL_LOGS_DIR", str(tmp_path_factory.mktemp("logs")))
+        yield
 
 
 @pytest.fixture

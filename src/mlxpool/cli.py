@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -14,9 +13,11 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from mlxpool import litellm, logs, service
 from mlxpool.config import ModelSpec, Settings, human_bytes, load_settings, parse_size, settings_from_dict
 from mlxpool.errors import ConfigError, MlxpoolError
 from mlxpool.pool.downloads import DownloadPlan, Progress
+from mlxpool.watch.cli import add_commands as add_watch_commands
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 
@@ -28,6 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mlxpool: bad configuration\n{exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPStatusError as exc:
+        print(
+            f"mlxpool: the server at {args.url} answered {exc.response.status_code}: {exc.response.text}",
+            file=sys.stderr,
+        )
+        return 1
     except httpx.HTTPError as exc:
         print(f"mlxpool: cannot reach the server at {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -48,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--url", default=os.environ.get("MLXPOOL_URL", DEFAULT_URL), help="server address")
+    client.add_argument(
+        "--api-key", default=os.environ.get("MLXPOOL_API_KEY"), help="API key (default: $MLXPOOL_API_KEY)"
+    )
     commands.add_parser("status", parents=[client], help="the pool's models, states and memory").set_defaults(
         func=cmd_status
     )
@@ -68,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(verb, parents=[client], help=f"{verb} a model now")
         sub.add_argument("name")
         sub.set_defaults(func=cmd_load_unload, verb=verb)
+    logs.add_commands(commands)
+    service.add_commands(commands)
+    litellm.add_commands(commands)
+    add_watch_commands(commands)
     return top
 
 
@@ -91,9 +105,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mlxpool.server import bind, run
 
     settings = serve_settings(args)
-    logging.basicConfig(
-        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        logs.configure(settings.server, "server")
+    except OSError as exc:
+        print(f"mlxpool: cannot write the log in {settings.server.logs_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     try:
         sockets = bind(settings.server.host, settings.server.ports)
     except OSError as exc:
@@ -218,8 +234,13 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    """The `Authorization` header for a server with API keys, when a key was given."""
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    status = httpx.get(f"{args.url}/admin/models", timeout=10).raise_for_status().json()
+    status = httpx.get(f"{args.url}/admin/models", headers=auth_headers(args), timeout=10).raise_for_status().json()
     print(format_status(status))
     return 0
 
@@ -240,13 +261,13 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    response = httpx.get(f"{args.url}/health/ready", timeout=10)
+    response = httpx.get(f"{args.url}/health/ready", headers=auth_headers(args), timeout=10)
     print(response.json().get("status", response.text))
     return 0 if response.status_code == 200 else 1
 
 
 def cmd_load_unload(args: argparse.Namespace) -> int:
-    response = httpx.post(f"{args.url}/admin/models/{args.name}/{args.verb}", timeout=None)
+    response = httpx.post(f"{args.url}/admin/models/{args.name}/{args.verb}", headers=auth_headers(args), timeout=None)
     body = response.json()
     if response.status_code != 200:
         print(f"mlxpool: {body['error']['message']}", file=sys.stderr)

@@ -84,11 +84,23 @@ class ServerSettings(BaseModel):
     """Upper bound of the growing failure cooldown, in seconds."""
     max_request_bytes: str | int = "100MB"
     """Largest request body accepted; larger ones get 413."""
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    """Keys clients must send as `Authorization: Bearer KEY` on every route but `GET /health` (and the status
+    page's HTML); empty (the default): no keys needed. `MLXPOOL_API_KEYS=key1,key2` sets them from the environment."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Web origins (`https://app.example.com`, or `*`) whose pages may call the server from a browser; empty: none."""
     progress_interval: float = Field(default=5.0, gt=0)
     """Seconds between download progress lines in the log."""
     cache_dir: str = "~/.cache/mlxpool"
     """Where the demo profile writes its generated models."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe records logged; `debug` also shows each request on stderr (the log file always has them)."""
+    logs_dir: str = "~/.mlxpool/logs"
+    """Where `serve` writes `server.log`: one line per request, model loads and unloads, warnings; rotated by size."""
+    log_max_bytes: str | int = "10MB"
+    """Size at which a log file is rotated (`server.log` becomes `server.log.1`)."""
+    log_backups: int = Field(default=5, ge=1)
+    """Rotated log files kept (`server.log.1` ... `server.log.5`); older ones are deleted."""
     max_image_bytes: str | int = "20MB"
     """Largest image or document a request may send or point to (data: URI, file or URL); larger ones get 400."""
     max_image_pixels: int = Field(default=40_000_000, ge=1)
@@ -101,6 +113,14 @@ class ServerSettings(BaseModel):
     """OCR: most pages read from one PDF; longer documents get 400."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes")(_check_size)
+    _log_size = field_validator("log_max_bytes")(_check_size)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_tokens(cls, keys: list[str]) -> list[str]:
+        if any(key.split() != [key] for key in keys):
+            raise ValueError("an API key must be non-empty and contain no whitespace")
+        return keys
 
     @property
     def max_request_size(self) -> int:
@@ -109,6 +129,10 @@ class ServerSettings(BaseModel):
     @property
     def max_image_size(self) -> int:
         return parse_size(self.max_image_bytes)
+
+    @property
+    def log_max_size(self) -> int:
+        return parse_size(self.log_max_bytes)
 
 
 class Candidate(BaseModel):
@@ -157,7 +181,8 @@ class ModelSpec(BaseModel):
     default: bool = False
     """The default model of its kind: OpenAI's names for that kind (`whisper-1`...) resolve to it."""
     memory_reserve: str | int | None = None
-    """Bytes added to the weight files' size when estimating this model's memory; a per-kind default if unset."""
+    """Working memory (activations, KV) added to the weight files' size for this model's memory estimate, and kept
+    counted while it is loaded; a per-kind default if unset."""
     max_batch_size: int = Field(default=32, ge=1)
     """Embedding: most sequences in one forward pass. Chat: most sequences decoding together."""
     prefill_step_size: int = Field(default=512, ge=16)

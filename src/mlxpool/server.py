@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 
@@ -37,16 +38,27 @@ def bind(host: str, ports: list[int]) -> list[socket.socket]:
     return sockets
 
 
+def is_loopback(host: str) -> bool:
+    """True when `host` is reachable from this machine only (127.0.0.1, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     server_settings = settings.server
     config = uvicorn.Config(
         create_app(settings),
         log_level=server_settings.log_level,
         timeout_graceful_shutdown=10,
-        access_log=server_settings.log_level == "debug",
+        log_config=None,  # uvicorn's records go to mlxpool's handlers (stderr and the log file)
+        access_log=False,  # mlxpool.api.access logs each request
     )
     urls = [f"http://{server_settings.host}:{s.getsockname()[1]}" for s in sockets]
     log.info("mlxpool listening on %s (config: %s)", " and ".join(urls), settings.source)
+    if not server_settings.api_keys and not is_loopback(server_settings.host):
+        log.warning("no API keys are set: anyone who can reach %s may use this server", server_settings.host)
     await uvicorn.Server(config).serve(sockets=sockets)
 
 

@@ -13,7 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from mlxpool.api import admin, audio, chat, embeddings, models, ocr, speech
+from mlxpool.api import admin, audio, chat, embeddings, metrics, models, ocr, speech, status
+from mlxpool.api.access import AccessLog
+from mlxpool.api.auth import security_middleware
 from mlxpool.api.disconnect import ClientDisconnected
 from mlxpool.api.errors import EXCEPTION_HANDLERS
 from mlxpool.api.limits import BodyLimit
@@ -45,6 +47,9 @@ OTHER_ROUTES = [
     ("/admin/models", admin.list_pool, ["GET"]),
     ("/admin/models/{name:path}/load", admin.load_model, ["POST"]),
     ("/admin/models/{name:path}/unload", admin.unload_model, ["POST"]),
+    ("/admin/requests", metrics.list_requests, ["GET"]),
+    ("/metrics", metrics.scrape, ["GET"]),
+    ("/", status.status_page, ["GET"]),
 ]
 
 
@@ -62,6 +67,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock | None = None) -> Starlette:
     """The server app. The worker thread and the pool live as long as the app's lifespan."""
+    measured = metrics.Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -73,6 +79,8 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
         pool = ModelPool(machine, worker, budget, loader=loader, clock=clock)
         app.state.pool = pool
         app.state.settings = settings
+        app.state.metrics = measured
+        measured.pool = pool  # the metrics read the pool's figures when scraped
         log.info("memory budget %.2f GiB; %d models configured", budget / 2**30, len(pool.entries))
         pool.start()
         try:
@@ -83,7 +91,12 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
 
     return Starlette(
         routes=routes(),
-        middleware=[Middleware(BodyLimit, max_bytes=settings.server.max_request_size)],
+        middleware=[
+            Middleware(AccessLog),
+            Middleware(metrics.RequestMetrics, metrics=measured),
+            *security_middleware(settings.server),
+            Middleware(BodyLimit, max_bytes=settings.server.max_request_size),
+        ],
         exception_handlers={**EXCEPTION_HANDLERS, ClientDisconnected: _client_gone},
         lifespan=lifespan,
     )

@@ -59,6 +59,7 @@ async def _handle(request: Request, task: Task) -> Response:
     form, data = await _form_or_raise(request)
     pool: ModelPool = request.app.state.pool
     spec = pool.resolve(form.model).spec
+    request.state.model = spec.name  # for the request log and the metrics
     if spec.kind != "asr":
         raise UnsupportedKindError(
             f"model {spec.name!r} is a {spec.kind} model; this route needs an asr model", param="model"

@@ -16,6 +16,7 @@ from starlette.responses import Response, StreamingResponse
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import error_body, parse_body_or_raise
 from mlxpool.api.images import gather_images_or_raise
+from mlxpool.api.metrics import count_tokens
 from mlxpool.api.reasoning import ReasoningSplitter, prompt_opens_thinking
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import ChatRequest, CompletionRequest
@@ -70,6 +71,7 @@ async def create_completion(request: Request) -> Response:
 async def _complete(request: Request, body: ChatRequest | CompletionRequest, prompt: Any, chat: bool) -> Response:
     pool: ModelPool = request.app.state.pool
     entry = pool.resolve(body.model)
+    request.state.model = entry.spec.name  # for the request log and the metrics
     if entry.spec.kind not in ("chat", "vision", "ocr"):
         raise UnsupportedKindError(
             f"model {entry.spec.name!r} is a {entry.spec.kind} model; this route needs a chat model", param="model"
@@ -81,9 +83,11 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
     shape = _Shape(entry.spec.name, chat)
     params = await asyncio.to_thread(body.sampling, entry.spec.max_tokens)  # compiles a JSON schema grammar
     if body.stream:
-        stream = _stream(pool, shape, prompt, params, body.include_usage)
+        stream = _stream(request, pool, shape, prompt, params, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     answer = await run_until_disconnect(request, _collect(pool, shape, prompt, params))
+    count_tokens(request, shape.model, answer.usage)
+    request.state.tokens = answer.usage["total_tokens"]
     return ArrayJSONResponse(shape.whole(answer))
 
 
@@ -119,7 +123,7 @@ async def _collect(pool: ModelPool, shape: _Shape, prompt: Any, params: Sampling
 
 
 async def _stream(
-    pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams, include_usage: bool
+    request: Request, pool: ModelPool, shape: _Shape, prompt: Any, params: SamplingParams, include_usage: bool
 ) -> AsyncIterator[bytes]:
     try:
         async for line in pool.wait_ready(shape.model, COMMENT_INTERVAL):
@@ -140,6 +144,8 @@ async def _stream(
                     yield _sse(chunk)
                 offset += sum(len(e.token) for e in delta.logprobs)
                 last = delta
+        count_tokens(request, shape.model, _usage(len(tokens.ids), last))
+        request.state.tokens = _usage(len(tokens.ids), last)["total_tokens"]
         if include_usage:
             yield _sse(shape.usage_chunk(_usage(len(tokens.ids), last)))
     except MlxpoolError as exc:  # the 200 is already sent: report the error in the stream, as OpenAI does

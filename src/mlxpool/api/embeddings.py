@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import parse_body_or_raise
+from mlxpool.api.metrics import count_tokens
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import EmbeddingRequest
 from mlxpool.engines.embedding import EmbeddingEngine
@@ -24,6 +25,7 @@ async def create_embeddings(request: Request) -> Response:
     body = await parse_body_or_raise(request, EmbeddingRequest)
     pool: ModelPool = request.app.state.pool
     entry = pool.resolve(body.model)
+    request.state.model = entry.spec.name  # for the request log and the metrics
     if entry.spec.kind != "embedding":
         raise UnsupportedKindError(
             f"model {entry.spec.name!r} is a {entry.spec.kind} model; /v1/embeddings needs an embedding model",
@@ -38,6 +40,8 @@ async def create_embeddings(request: Request) -> Response:
         for i, v in enumerate(vectors)
     ]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    count_tokens(request, entry.spec.name, usage)
+    request.state.tokens = tokens
     return ArrayJSONResponse({"object": "list", "data": data, "model": entry.spec.name, "usage": usage})
 
 

@@ -20,6 +20,7 @@ from mlxpool.api.chat import OCR_PROMPT
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import parse_body_or_raise
 from mlxpool.api.images import decode_image_or_raise, fetch_bytes_or_raise
+from mlxpool.api.metrics import count_tokens
 from mlxpool.config import ServerSettings
 from mlxpool.engines.chat import SamplingParams
 from mlxpool.engines.vision import VisionEngine, VisionInput
@@ -47,6 +48,7 @@ async def create_ocr(request: Request) -> Response:
     body, data = await _request_or_raise(request, settings)
     pool: ModelPool = request.app.state.pool
     spec = pool.resolve(body.model).spec
+    request.state.model = spec.name  # for the request log and the metrics
     if spec.kind not in ("ocr", "vision"):
         raise UnsupportedKindError(
             f"model {spec.name!r} is a {spec.kind} model; OCR needs an ocr or vision model", param="model"
@@ -55,6 +57,8 @@ async def create_ocr(request: Request) -> Response:
     params = SamplingParams(max_tokens=body.max_tokens or spec.max_tokens, temperature=0.0)
     prompt = body.prompt or spec.prompt or OCR_PROMPT
     texts, usage = await run_until_disconnect(request, _read(pool, spec.name, pages, prompt, params))
+    count_tokens(request, spec.name, usage)
+    request.state.tokens = usage["total_tokens"]
     return JSONResponse(
         {
             "object": "ocr",

@@ -74,6 +74,7 @@ async def create_speech(request: Request) -> Response:
     body = await parse_body_or_raise(request, CreateSpeechRequest)
     pool: ModelPool = request.app.state.pool
     entry = tts_entry_or_raise(pool, body.model)
+    request.state.model = entry.spec.name  # for the request log and the metrics
     if isinstance(entry.engine, TtsEngine):  # loaded: a bad voice is a 400 even for streams
         entry.engine.voice_or_raise(body.voice_name, OPENAI_VOICES)
     if body.streams and body.stream_format == "sse":

@@ -29,6 +29,7 @@ from mlxpool.errors import (
 from mlxpool.pool import downloads, sources
 from mlxpool.pool.eviction import Resident, choose_victims
 from mlxpool.pool.state import ModelEntry, ModelState
+from mlxpool.pool.stats import PoolStats, UnloadReason
 from mlxpool.worker import Worker, release_memory
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class ModelPool:
         self._changed = asyncio.Event()
         self._preloads: list[asyncio.Task[None]] = []
         self._trimming: asyncio.Task[None] | None = None
+        self.stats = PoolStats()
+        """Loads, unloads, evictions and their durations, for the metrics."""
 
     # --- names ---------------------------------------------------------------------------------------------
 
@@ -117,7 +120,7 @@ class ModelPool:
                     elif entry.leases or entry.waiters:
                         await self._wait_change()
                     else:
-                        await asyncio.shield(self._start_unload(entry))
+                        await asyncio.shield(self._start_unload(entry, "requested"))
         except TimeoutError:
             raise ServiceUnavailableError(
                 f"model {entry.spec.name!r} is still in use by {entry.leases} request(s) after "
@@ -238,6 +241,7 @@ class ModelPool:
         entry.engine, entry.measured, entry.state = engine, allocated, ModelState.READY
         entry.failures, entry.error, entry.last_used = 0, None, self.clock.now()
         self.worker.add_engine(engine)
+        self.stats.loaded(spec.name, self.clock.now() - started)
         log.info("loaded %s in %.1f s, %s", spec.name, self.clock.now() - started, human_bytes(allocated))
         self._restore_budget(keep=entry)
         return None
@@ -288,7 +292,7 @@ class ModelPool:
         victims = choose_victims(residents, over) or []
         log.warning("%s over the memory budget; evicting %s", human_bytes(over), ", ".join(victims) or "nothing yet")
         for name in victims:
-            self._start_unload(self.entries[name])
+            self._start_unload(self.entries[name], "evicted")
 
     async def _local_dir(self, entry: ModelEntry) -> Path:
         spec = entry.spec
@@ -335,7 +339,7 @@ class ModelPool:
                         await self._wait_change()
                         continue
                     log.info("evicting %s to make room for %s", ", ".join(victims), entry.spec.name)
-                    await asyncio.gather(*(self._start_unload(self.entries[v]) for v in victims))
+                    await asyncio.gather(*(self._start_unload(self.entries[v], "evicted") for v in victims))
         except TimeoutError:
             raise self._timeout_error(entry) from None
         entry.state = ModelState.LOADING
@@ -349,6 +353,7 @@ class ModelPool:
         cooldown = min(self.server.failure_cooldown * 2 ** (entry.failures - 1), self.server.failure_cooldown_max)
         entry.retry_at = self.clock.now() + cooldown
         entry.error = str(exc) or type(exc).__name__
+        self.stats.failed(entry.spec.name)
         log.error("model %s failed to load (attempt %d): %s", entry.spec.name, entry.failures, entry.error)
         await self.worker.call(release_memory)
         if isinstance(exc, MlxpoolError):  # a distinct cause (repo not found, no disk...): keep it
@@ -356,19 +361,21 @@ class ModelPool:
             return exc
         return ModelLoadError(f"model {entry.spec.name!r} failed to load: {entry.error}", retry_after=cooldown)
 
-    def _start_unload(self, entry: ModelEntry) -> asyncio.Task[MlxpoolError | None]:
+    def _start_unload(self, entry: ModelEntry, reason: UnloadReason) -> asyncio.Task[MlxpoolError | None]:
         self._cancel_timer(entry)
         entry.state = ModelState.UNLOADING
-        entry.transition = asyncio.create_task(self._unload(entry))
+        entry.transition = asyncio.create_task(self._unload(entry, reason))
         return entry.transition
 
-    async def _unload(self, entry: ModelEntry) -> MlxpoolError | None:
+    async def _unload(self, entry: ModelEntry, reason: UnloadReason) -> MlxpoolError | None:
         engine, entry.engine = entry.engine, None
         try:
             if engine is not None:
                 self.worker.remove_engine(engine)
                 size = (entry.measured or 0) + engine.cache_bytes
+                started = self.clock.now()
                 active = await self.worker.call(lambda: _free(engine, size))
+                self.stats.unloaded(entry.spec.name, reason, self.clock.now() - started)
                 log.info("unloaded %s; MLX active memory now %s", entry.spec.name, human_bytes(active))
         finally:
             entry.state = ModelState.ABSENT
@@ -383,7 +390,7 @@ class ModelPool:
             return
         if ttl == 0:
             if request_ended:
-                self._start_unload(entry)
+                self._start_unload(entry, "idle")
             return
         self._cancel_timer(entry)
         entry.timer = self.clock.call_later(ttl, lambda: self._expire(entry))
@@ -392,7 +399,7 @@ class ModelPool:
         entry.timer = None
         if entry.idle:
             log.info("unloading %s after %g s idle", entry.spec.name, entry.spec.ttl)
-            self._start_unload(entry)
+            self._start_unload(entry, "idle")
 
     def _cancel_timer(self, entry: ModelEntry) -> None:
         if entry.timer is not None:
