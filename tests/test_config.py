@@ -7,6 +7,7 @@ import pytest
 from mlxpool.cli import main
 from mlxpool.config import load_settings, parse_size, shipped_config_path
 from mlxpool.errors import ConfigError
+from tests.conftest import make_settings
 
 GOOD = """
 [server]
@@ -159,3 +160,14 @@ def test_candidates_and_a_source_together_are_an_error(tmp_path: Path) -> None:
     text = '[models.m]\nkind = "chat"\nrepo = "a/b"\ncandidates = [{ repo = "c/d" }]\n'
     with pytest.raises(ConfigError, match=r"models\.m: Value error, give `candidates` or `repo`/`path`, not both"):
         load_settings(write(tmp_path, text), env={})
+
+
+def test_tts_models_unload_after_five_idle_minutes_unless_told_otherwise() -> None:
+    settings = make_settings(
+        {
+            "speech": {"kind": "tts", "path": "/x"},
+            "kept": {"kind": "tts", "path": "/x", "ttl": -1},
+            "chat": {"kind": "chat", "path": "/x"},
+        }
+    )
+    assert [settings.models[n].ttl for n in ("speech", "kept", "chat")] == [300, -1, -1]

@@ -30,6 +30,9 @@ OPENAI_ALIASES: dict[Kind, tuple[str, ...]] = {
     "tts": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
 }
 
+TTS_TTL = 300.0
+"""Seconds a tts model stays loaded idle when its `ttl` is not set."""
+
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?$", re.IGNORECASE)
 
 
@@ -109,6 +112,10 @@ class ServerSettings(BaseModel):
     """Seconds to fetch an `http(s)` image URL, then 400."""
     image_dirs: list[str] = Field(default_factory=list)
     """Directories whose files `file://` image URLs may name; empty (the default): file URLs are refused."""
+    allow_any_model: bool = False
+    """Let a request name a hub repo id (`org/name`) that is not configured: it is downloaded and served as the
+    kind of the route asked. Off: only configured models load, so clients cannot make the server fetch
+    arbitrary repos. Local paths are never accepted from requests."""
     max_pdf_pages: int = Field(default=50, ge=1)
     """OCR: most pages read from one PDF; longer documents get 400."""
 
@@ -175,7 +182,7 @@ class ModelSpec(BaseModel):
     preload: bool = False
     """Load at start-up, in the background; `/health/ready` waits for these."""
     ttl: float = -1
-    """Seconds idle before unload: -1 never, 0 as soon as the last request ends."""
+    """Seconds idle before unload: -1 never, 0 as soon as the last request ends. Default: -1, but 300 for tts."""
     pinned: bool = False
     """Never evicted to make room for another model (TTL unload still applies)."""
     default: bool = False
@@ -204,6 +211,12 @@ class ModelSpec(BaseModel):
     """Instead of `repo`/`path`: choices by machine memory, largest first; the first that fits is served."""
 
     _reserve = field_validator("memory_reserve")(lambda v: v if v is None else _check_size(v))
+
+    @model_validator(mode="after")
+    def _kind_defaults(self) -> ModelSpec:
+        if "ttl" not in self.model_fields_set and self.kind == "tts":
+            self.ttl = TTS_TTL  # speech is occasional: give its memory back after a while
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -27,7 +27,8 @@ REPO = "org/tiny-bert"
 def hub(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
     files = {f.name: f.read_bytes() for f in tiny_models["bert"].iterdir()}
     files["pytorch_model.bin"] = b"not needed by MLX backends"
-    with FakeHub({REPO: files, "org/gated": files}, gated=["org/gated"], token="secret") as fake:
+    repos = {REPO: files, "org/gated": files, "org/other-bert": files}
+    with FakeHub(repos, gated=["org/gated"], token="secret") as fake:
         use_fake_hub(monkeypatch, fake, tmp_path / "hub-cache")
         yield fake
 
@@ -269,3 +270,28 @@ async def test_waiting_streams_get_status_lines_until_the_model_is_ready(
     with pytest.raises(RepoNotFoundError):
         async for _ in served.pool.wait_ready("missing", interval=0.02):
             pass
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_a_request_names_an_unconfigured_repo_only_with_allow_any_model(
+    serve: ServeFactory, hub: FakeHub, allowed: bool
+) -> None:
+    settings = make_settings({"configured": model()}, allow_any_model=allowed)
+    async with serve(settings) as s:
+        response = await s.http.post("/v1/embeddings", json={"model": "org/gated", "input": "hi"})
+        assert response.status_code == (503 if allowed else 404), response.text  # gated: the hub refuses us
+        response = await s.http.post("/v1/embeddings", json={"model": REPO + "-unlisted", "input": "hi"})
+        assert response.status_code == 404  # allowed: the hub has no such repo (repo_not_found); else not served
+        response = await s.http.post("/v1/embeddings", json={"model": "org/other-bert", "input": "hi"})
+        assert response.status_code == (200 if allowed else 404), response.text  # downloaded and served
+        if allowed:
+            assert s.pool.entries["org/other-bert"].spec.kind == "embedding"
+            ask = {"model": "org/other-bert", "messages": [{"role": "user", "content": "hi"}]}
+            wrong = await s.http.post("/v1/chat/completions", json=ask)
+            assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "model_not_supported"
+        for bad in ("../etc", "/abs/path", "org/..", "a/b/c"):
+            refused = await s.http.post("/v1/embeddings", json={"model": bad, "input": "hi"})
+            assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found", bad
+        fetched = await s.http.post("/v1/embeddings", json={"model": REPO, "input": "hi"})  # configured by repo id
+        assert fetched.status_code == 200
+        assert ("org/gated" in s.pool.entries) is allowed

@@ -58,7 +58,7 @@ async def create_translation(request: Request) -> Response:
 async def _handle(request: Request, task: Task) -> Response:
     form, data = await _form_or_raise(request)
     pool: ModelPool = request.app.state.pool
-    spec = pool.resolve(form.model).spec
+    spec = pool.resolve(form.model, "asr").spec
     request.state.model = spec.name  # for the request log and the metrics
     if spec.kind != "asr":
         raise UnsupportedKindError(

@@ -34,7 +34,7 @@ COMMENT_INTERVAL = 2.0
 
 async def create_chat_completion(request: Request) -> Response:
     body = await parse_body_or_raise(request, ChatRequest)
-    spec = request.app.state.pool.resolve(body.model).spec
+    spec = request.app.state.pool.resolve(body.model, "chat").spec
     vision = spec.kind in ("vision", "ocr")
     images = await gather_images_or_raise(body.messages, request.app.state.settings.server) if vision else []
     messages = [message.as_template_input(vision) for message in body.messages]
@@ -70,7 +70,7 @@ async def create_completion(request: Request) -> Response:
 
 async def _complete(request: Request, body: ChatRequest | CompletionRequest, prompt: Any, chat: bool) -> Response:
     pool: ModelPool = request.app.state.pool
-    entry = pool.resolve(body.model)
+    entry = pool.resolve(body.model, "chat")
     request.state.model = entry.spec.name  # for the request log and the metrics
     if entry.spec.kind not in ("chat", "vision", "ocr"):
         raise UnsupportedKindError(

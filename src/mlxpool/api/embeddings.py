@@ -24,7 +24,7 @@ INLINE_TOKENIZE_CHARS = 2048
 async def create_embeddings(request: Request) -> Response:
     body = await parse_body_or_raise(request, EmbeddingRequest)
     pool: ModelPool = request.app.state.pool
-    entry = pool.resolve(body.model)
+    entry = pool.resolve(body.model, "embedding")
     request.state.model = entry.spec.name  # for the request log and the metrics
     if entry.spec.kind != "embedding":
         raise UnsupportedKindError(

@@ -47,7 +47,7 @@ async def create_ocr(request: Request) -> Response:
     settings: ServerSettings = request.app.state.settings.server
     body, data = await _request_or_raise(request, settings)
     pool: ModelPool = request.app.state.pool
-    spec = pool.resolve(body.model).spec
+    spec = pool.resolve(body.model, "ocr").spec
     request.state.model = spec.name  # for the request log and the metrics
     if spec.kind not in ("ocr", "vision"):
         raise UnsupportedKindError(

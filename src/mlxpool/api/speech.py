@@ -101,7 +101,7 @@ async def list_voices(request: Request) -> Response:
 
 
 def tts_entry_or_raise(pool: ModelPool, name: str) -> ModelEntry:
-    entry = pool.resolve(name)
+    entry = pool.resolve(name, "tts")
     if entry.spec.kind != "tts":
         raise UnsupportedKindError(
             f"model {entry.spec.name!r} is a {entry.spec.kind} model; this route needs a tts model", param="model"

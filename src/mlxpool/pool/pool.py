@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import mlx.core as mx
 
 from mlxpool.clock import Clock, LoopClock
-from mlxpool.config import ServerSettings, Settings, human_bytes
+from mlxpool.config import Kind, ModelSpec, ServerSettings, Settings, human_bytes
 from mlxpool.engines import Engine, Loader, load_engine
 from mlxpool.errors import (
     MemoryBudgetError,
@@ -33,6 +34,8 @@ from mlxpool.pool.stats import PoolStats, UnloadReason
 from mlxpool.worker import Worker, release_memory
 
 log = logging.getLogger(__name__)
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A Hugging Face repo id (`org/name`): what `allow_any_model` lets a request name; never a local path."""
 
 
 class ModelPool:
@@ -60,15 +63,24 @@ class ModelPool:
 
     # --- names ---------------------------------------------------------------------------------------------
 
-    def resolve(self, name: str) -> ModelEntry:
-        """The entry for a model name, alias, repo id or OpenAI name, or a 404 error."""
+    def resolve(self, name: str, kind: Kind | None = None) -> ModelEntry:
+        """The entry for a model name, alias, repo id or OpenAI name, or a 404 error. With `allow_any_model`, a
+        hub repo id that is not configured becomes a model of `kind` (the kind the asking route serves)."""
         key = self._names.get(name)
+        if key is None and kind is not None and self.server.allow_any_model and _is_repo_id(name):
+            key = self._register(ModelSpec(name=name, kind=kind, repo=name))
         if key is None:
             raise ModelNotFoundError(
                 f"The model {name!r} does not exist on this server; GET /v1/models lists the available models.",
                 param="model",
             )
         return self.entries[key]
+
+    def _register(self, spec: ModelSpec) -> str:
+        log.info("serving %s, a %s model named by a request (allow_any_model)", spec.name, spec.kind)
+        self.entries[spec.name] = ModelEntry(spec)
+        self._names[spec.name] = spec.name
+        return spec.name
 
     # --- leases --------------------------------------------------------------------------------------------
 
@@ -426,3 +438,7 @@ def _free(engine: Engine, size: int) -> int:
     before = mx.get_active_memory()
     engine.close()
     return release_memory(target=before - size)
+
+
+def _is_repo_id(name: str) -> bool:
+    return REPO_ID.fullmatch(name) is not None and ".." not in name
