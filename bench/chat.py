@@ -33,6 +33,9 @@ QWEN3_06B = {
 }  # fmt: skip
 
 
+PREFILL_BATCH_SIZE = 32
+
+
 def build_model(shape: str, root: Path) -> Path:
     """A Qwen3 causal LM with random weights and a word-level tokenizer covering its whole vocabulary."""
     if shape == "tiny":
@@ -81,7 +84,12 @@ def raw_batch_generator(path: Path, texts: list[str], new_tokens: int) -> dict[s
     ids = [tokenizer.encode(t) for t in texts]
 
     def run() -> tuple[int, float]:
-        generator = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids])
+        generator = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=64,
+            prefill_batch_size=PREFILL_BATCH_SIZE,  # the same setting as the server's
+        )
         generator.insert(ids, max_tokens=[new_tokens] * len(ids))
         start, tokens = time.perf_counter(), 0
         while responses := generator.next_generated():
@@ -128,6 +136,7 @@ def start_mlxpool(path: Path, port: int, workdir: Path) -> subprocess.Popen[byte
     config.write_text(
         f'[server]\nports = [{port}]\nlog_level = "warning"\n'
         f'[models.bench]\nkind = "chat"\npath = "{path}"\npreload = true\nmax_batch_size = 64\n'
+        f"prefill_batch_size = {PREFILL_BATCH_SIZE}\n"
     )
     process = subprocess.Popen([sys.executable, "-m", "mlxpool", "serve", "--config", str(config)])
     wait_up(f"http://127.0.0.1:{port}", process, "/health/ready")
@@ -228,11 +237,14 @@ def main() -> None:
     parser.add_argument("--skip-mlx-lm-server", action="store_true")
     parser.add_argument("--warmups", type=int, default=1, help="unmeasured runs of each load before the measured one")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--prefill-batch-size", type=int, default=32, help="for mlxpool's model and the raw loop alike")
     parser.add_argument(
         "--repeat-prompts", action="store_true", help="send the same prompts in every load (prompt-cache hits)"
     )
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    global PREFILL_BATCH_SIZE
+    PREFILL_BATCH_SIZE = args.prefill_batch_size
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         path = build_model(args.shape, workdir)

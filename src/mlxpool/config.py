@@ -192,6 +192,8 @@ class ModelSpec(BaseModel):
     counted while it is loaded; a per-kind default if unset."""
     max_batch_size: int = Field(default=32, ge=1)
     """Embedding: most sequences in one forward pass. Chat: most sequences decoding together."""
+    prefill_batch_size: int = Field(default=32, ge=1)
+    """Chat: most new sequences whose prompts are read together (then join the running batch as one group)."""
     prefill_step_size: int = Field(default=512, ge=16)
     """Chat: prompt tokens read per worker step, so a long prompt does not hold up other work."""
     max_tokens: int = Field(default=2048, ge=1)

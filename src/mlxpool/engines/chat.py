@@ -208,6 +208,7 @@ class ChatEngine:
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
             completion_batch_size=self.spec.max_batch_size,
+            prefill_batch_size=self.spec.prefill_batch_size,
             prefill_step_size=self.spec.prefill_step_size,
         )
 
