@@ -11,81 +11,18 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from mlxpool.config import ModelSpec
+from mlxpool.engines.sequences import SOLO, Delta, SamplingParams, Sequence, TokenLogprob, fail, send
 from mlxpool.engines.solo import SoloDecoder
 from mlxpool.engines.structured import GrammarProcessor, llg_tokenizer
 from mlxpool.engines.weights import materialize
 from mlxpool.errors import GenerationError
 from mlxpool.worker import Task, Worker
-
-SOLO = -1
-"""The uid of the sequence decoding alone (BatchGenerator's uids start at 0)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logprobs: int | None = None
-    """Report each token's log probability with this many most likely alternatives; None: off."""
-    grammar: str | None = None
-    """An llguidance grammar the output must follow (response_format), or None."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text of one sequence; the last one of a sequence carries its finish reason."""
-
-    text: str
-    finish_reason: str | None
-    completion_tokens: int
-    logprobs: tuple[TokenLogprob, ...] = ()
-    error: str | None = None
-    """Set when the step that was to produce this failed; the sequence ends with it."""
-    prompt_tokens: int = 0
-    """Tokens the model read for the prompt (with image tokens, for vision models)."""
-    cached_tokens: int = 0
-    """Prompt tokens whose KV came from the prompt cache instead of being computed."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    prompt: list[int]
-    params: SamplingParams
-    queue: asyncio.Queue[Delta]
-    detokenizer: Any
-    uid: int | None = None
-    cancelled: bool = False
-    tokens: int = 0
-    emitted: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    """Entries of tokens whose text has not been sent yet."""
-    media: Any = None
-    """What a vision model reads besides the text (see engines/vision.py)."""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
 class ChatEngine:
@@ -179,7 +116,7 @@ class ChatEngine:
             responses = self._next()
         except Exception as exc:  # a failed step fails every sequence in it, the engine goes on
             for sequence in self._active.values():
-                _fail(sequence, exc)
+                fail(sequence, exc)
             self._remove(list(self._active))
             self._active.clear()
             return
@@ -347,7 +284,7 @@ class ChatEngine:
                 else:
                     sequence.uid = self._insert(sequence, sampler, processors)
             except Exception as exc:  # this request's input could not be read; the others go on
-                _fail(sequence, exc)
+                fail(sequence, exc)
                 continue
             self._active[sequence.uid] = sequence
 
@@ -394,7 +331,7 @@ class ChatEngine:
             delta = Delta(
                 piece, finish, sequence.tokens, logprobs, None, sequence.prompt_tokens, sequence.cached_tokens
             )
-            _send(sequence, delta)
+            send(sequence, delta)
             sequence.emitted = max(end, sequence.emitted)
             sequence.logprobs = []
 
@@ -410,14 +347,6 @@ class ChatEngine:
         return TokenLogprob(self.tokenizer.decode([token]), chosen, alternatives)
 
 
-def _send(sequence: Sequence, delta: Delta) -> None:
-    sequence.loop.call_soon_threadsafe(sequence.queue.put_nowait, delta)
-
-
-def _fail(sequence: Sequence, exc: Exception) -> None:
-    _send(sequence, Delta("", "error", sequence.tokens, error=str(exc) or type(exc).__name__))
-
-
 def load_chat(spec: ModelSpec, path: Path, worker: Worker) -> Task[ChatEngine]:
     """Load lazily with mlx-lm, then materialize the weights a slice per step."""
     from mlx_lm import load
@@ -427,3 +356,6 @@ def load_chat(spec: ModelSpec, path: Path, worker: Worker) -> Task[ChatEngine]:
     yield from materialize(model)
     config = json.loads((path / "config.json").read_text())
     return ChatEngine(model, tokenizer, spec, config, worker)
+
+
+__all__ = ["SOLO", "ChatEngine", "Delta", "SamplingParams", "Sequence", "TokenLogprob", "load_chat"]
