@@ -80,19 +80,9 @@ def build_tiny_qwen3_embedding(out: Path, **shape: Any) -> Path:
     tiny; its ids are valid in any larger vocabulary).
     """
     from mlx_embeddings.models import qwen3
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer = byte_bpe(CORPUS, ["<|endoftext|>"], vocab_size=320)
     tokenizer.save(str(out / "tokenizer.json"))
     # Right padding: mlx-embeddings returns NaN rows for left-padded Qwen3 batches.
     _write_json(
@@ -151,20 +141,10 @@ CHAT_TEMPLATE = (
 def build_tiny_chat(out: Path) -> Path:
     """A 2-layer Qwen3 causal LM with a byte-level BPE tokenizer and a ChatML template (mlx-lm layout)."""
     from mlx_lm.models import qwen3
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],  # ids 0, 1, 2
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte can be encoded
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([*CORPUS, "Hello! How can I help you today?", "user assistant system"], trainer)
+    texts = [*CORPUS, "Hello! How can I help you today?", "user assistant system"]
+    tokenizer = byte_bpe(texts, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], offsets=True)  # ids 0, 1, 2
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(
         out / "tokenizer_config.json",
@@ -218,20 +198,9 @@ def build_tiny_vlm(out: Path) -> Path:
     after resizing, so a few image tokens each."""
     from mlx_vlm.models import qwen2_vl
     from mlx_vlm.utils import update_module_configs
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=VLM_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([*CORPUS, "Describe this image.", "OCR: invoice total 42.00"], trainer)
+    tokenizer = byte_bpe([*CORPUS, "Describe this image.", "OCR: invoice total 42.00"], VLM_SPECIALS, offsets=True)
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(
         out / "tokenizer_config.json",
@@ -340,6 +309,26 @@ def demo_config(root: Path) -> dict[str, Any]:
             "aliases": [kind] if first else [],
         }
     return {"models": models}
+
+
+def byte_bpe(texts: list[str], specials: list[str], vocab_size: int = 384, offsets: bool = False) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` (any byte encodes), `specials` first (ids 0, 1, ...);
+    `offsets`: the byte-level post-processor chat tokenizers carry."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if offsets:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
 
 
 def _seed() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlxpool.demo import _save, _seed, _write_json
+from mlxpool.demo import _save, _seed, _write_json, byte_bpe
 
 WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
                     "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]  # fmt: skip
@@ -69,15 +69,9 @@ def _write_whisper_tokenizer(out: Path) -> tuple[int, int, int]:
 
     Returns the ids of <|startoftranscript|> and <|endoftext|>, and the vocabulary size.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(WHISPER_CORPUS, trainer)
+    tokenizer = byte_bpe(WHISPER_CORPUS, [], vocab_size=320)  # text first: mlx-audio reads ids < eot as text
     tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in WHISPER_SPECIALS])
     timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])

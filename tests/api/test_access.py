@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from mlxpool.api.access import AccessLog
+from mlxpool.api.access import RequestObserver, log_request
 from tests.conftest import ServeFactory, make_settings
 
 LINE = re.compile(r"^(\S+) (\S+) model=(\S+) status=(\d+) ms=(\d+\.\d) tokens=(\S+)$")
@@ -69,7 +69,10 @@ async def broken(request: Request) -> Response:
 
 
 async def test_a_stream_is_logged_when_it_ends_and_a_crash_as_500(caplog: pytest.LogCaptureFixture) -> None:
-    app = Starlette(routes=[Route("/s", streamed), Route("/b", broken)], middleware=[Middleware(AccessLog)])
+    app = Starlette(
+        routes=[Route("/s", streamed), Route("/b", broken)],
+        middleware=[Middleware(RequestObserver, records=[log_request])],
+    )
     caplog.set_level("INFO", logger="mlxpool.access")
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:

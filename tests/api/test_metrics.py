@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from mlxpool.api.metrics import Metrics, RequestMetrics
+from mlxpool.api.access import RequestObserver
+from mlxpool.api.metrics import Metrics
 from mlxpool.demo import build_tiny_chat
 from tests.conftest import Served, ServeFactory, make_settings
 from tests.fakes import FakeLoader
@@ -162,7 +163,9 @@ async def test_the_model_label_is_what_the_route_put_in_request_state() -> None:
         return PlainTextResponse("ok")
 
     metrics = Metrics()
-    app = Starlette(routes=[Route("/x/{id}", answer)], middleware=[Middleware(RequestMetrics, metrics=metrics)])
+    app = Starlette(
+        routes=[Route("/x/{id}", answer)], middleware=[Middleware(RequestObserver, records=[metrics.record])]
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         await http.get("/x/1")
     figures = Scrape(generate_latest(metrics.registry).decode())

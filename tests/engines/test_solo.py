@@ -108,3 +108,13 @@ async def test_a_client_that_leaves_a_lone_sequence_frees_the_engine(served: Ser
         await asyncio.sleep(0.005)
     assert chat.generated_tokens < 100 and chat._solo is None
     assert text(await answer(served, "alone", "Hello!", max_tokens=3))  # and it goes on
+
+
+async def test_the_batch_reads_new_prompts_in_groups_of_prefill_batch_size(
+    serve: ServeFactory, tiny_chat: Path
+) -> None:
+    spec = {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB"}
+    async with serve(make_settings({"default": spec, "wide": {**spec, "prefill_batch_size": 48}})) as s:
+        for name, size in (("default", 32), ("wide", 48)):
+            await s.pool.load(name)
+            assert engine(s, name).generator.prefill_batch_size == size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,11 +17,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger("mlxpool.access")
 
 
-class AccessLog:
-    """ASGI middleware writing the request log through the `mlxpool.access` logger."""
+Record = Callable[[Scope, dict[str, Any], int, float], None]
+"""Called with (scope, request state, status, seconds) once a response has ended."""
 
-    def __init__(self, app: ASGIApp):
+
+class RequestObserver:
+    """ASGI middleware: times each HTTP request to the end of its response and hands it to `records` (the request
+    log, the metrics)."""
+
+    def __init__(self, app: ASGIApp, records: Sequence[Record]):
         self.app = app
+        self.records = records
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,7 +46,13 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            log.info(access_line(scope, state, status, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            for record in self.records:
+                record(scope, state, status, seconds)
+
+
+def log_request(scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+    log.info(access_line(scope, state, status, seconds))
 
 
 def access_line(scope: Scope, state: dict[str, Any], status: int, seconds: float) -> str:

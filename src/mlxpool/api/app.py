@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from mlxpool.api import admin, audio, chat, embeddings, metrics, models, ocr, speech, status
-from mlxpool.api.access import AccessLog
+from mlxpool.api.access import RequestObserver, log_request
 from mlxpool.api.auth import security_middleware
 from mlxpool.api.disconnect import ClientDisconnected
 from mlxpool.api.errors import EXCEPTION_HANDLERS
@@ -92,8 +92,7 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
     return Starlette(
         routes=routes(),
         middleware=[
-            Middleware(AccessLog),
-            Middleware(metrics.RequestMetrics, metrics=measured),
+            Middleware(RequestObserver, records=[log_request, measured.record]),
             *security_middleware(settings.server),
             Middleware(BodyLimit, max_bytes=settings.server.max_request_size),
         ],

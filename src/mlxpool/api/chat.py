@@ -117,7 +117,7 @@ async def _collect(pool: ModelPool, shape: _Shape, prompt: Any, params: Sampling
             calls.extend(t)
             logprobs.extend(delta.logprobs)
             last = delta
-    finish = str(_finish_reason(last, calls))
+    finish = str(_finish_reason(last, bool(calls)))
     usage = _usage(len(tokens.ids), last)
     return _Answer("".join(reasoning), "".join(content), calls, finish, usage, shape.logprobs(logprobs, params))
 
@@ -137,7 +137,7 @@ async def _stream(
             async for delta in engine.generate(tokens.ids, params, tokens.media):
                 reasoning, content, calls = reader.feed(delta.text, final=delta.finish_reason is not None)
                 called = called or bool(calls)
-                finish = _finish_reason(delta, [{}] if called else [])
+                finish = _finish_reason(delta, called)
                 if reasoning or content or calls or finish or delta.logprobs:
                     chunk = shape.chunk(finish, content, reasoning, calls=calls)
                     chunk["choices"][0]["logprobs"] = shape.logprobs(list(delta.logprobs), params, offset)
@@ -198,9 +198,9 @@ def _chat_prompt(
     return Prompt(ids, prompt_opens_thinking(text), tools, media)
 
 
-def _finish_reason(last: Delta, calls: list[dict[str, Any]]) -> str | None:
+def _finish_reason(last: Delta, called: bool) -> str | None:
     """OpenAI says `tool_calls` when an answer that called tools ended by itself."""
-    return "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
+    return "tool_calls" if called and last.finish_reason == "stop" else last.finish_reason
 
 
 def _logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """What the server measures: `GET /metrics` for Prometheus, and the recent requests the status page shows.
 
 Each app has a registry of its own (tests build many apps). Request counts and latencies are recorded by
-`RequestMetrics`, an ASGI middleware; tokens by the routes (`count_tokens`); the pool's figures are read when
-Prometheus scrapes (`PoolCollector`), so nothing in `pool/` knows about Prometheus.
+`Metrics.record`, which the request observer of api/access.py calls; tokens by the routes (`count_tokens`); the
+pool's figures are read when Prometheus scrapes (`PoolCollector`), so nothing in `pool/` knows about Prometheus.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from mlxpool.pool import ModelPool, ModelState
 from mlxpool.pool.stats import DURATION_BOUNDS, Durations
@@ -63,6 +63,10 @@ class Metrics:
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self.registry.register(PoolCollector(lambda: self.pool))
 
+    def record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+        """A finished request (api/access.py's `RequestObserver` calls it): by route template, model and status."""
+        self.observe(scope, route_template(scope), state.get("model") or "", status, seconds)
+
     def observe(self, scope: Scope, route: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(route, scope["method"], model, str(status)).inc()
         self.latency.labels(route, model).observe(seconds)
@@ -85,38 +89,6 @@ def count_tokens(request: Request, model: str, usage: dict[str, Any]) -> None:
     if metrics is not None:
         metrics.prompt_tokens.labels(model).inc(usage.get("prompt_tokens", 0))
         metrics.generated_tokens.labels(model).inc(usage.get("completion_tokens", 0))
-
-
-class RequestMetrics:
-    """ASGI middleware: counts each HTTP request and times it to the end of its response.
-
-    The route label is the matched route's template (`/v1/models/{model:path}`), never the raw path. The model
-    label is what the route put in `request.state.model`, empty when it set none.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        state = scope.setdefault("state", {})
-        status = 500  # an exception that escapes the app becomes a 500 outside this middleware
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            model = state.get("model") or ""
-            self.metrics.observe(scope, route_template(scope), model, status, time.perf_counter() - started)
 
 
 def route_template(scope: Scope) -> str:
