@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -131,14 +132,23 @@ def wait_up(url: str, process: subprocess.Popen[bytes], path: str) -> None:
     raise SystemExit(f"{url} not up in 600 s")
 
 
-def start_mlxpool(path: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def mlxpool_command(trace: Path | None) -> tuple[list[str], dict[str, str]]:
+    """`mlxpool` itself, or with bench/step_trace.py's timeline of worker steps written to `trace` on exit."""
+    if trace is None:
+        return [sys.executable, "-m", "mlxpool"], dict(os.environ)
+    script = Path(__file__).with_name("step_trace.py")
+    return [sys.executable, str(script)], {**os.environ, "MLXPOOL_STEP_TRACE": str(trace)}
+
+
+def start_mlxpool(path: Path, port: int, workdir: Path, trace: Path | None = None) -> subprocess.Popen[bytes]:
     config = workdir / "bench.toml"
     config.write_text(
         f'[server]\nports = [{port}]\nlog_level = "warning"\n'
         f'[models.bench]\nkind = "chat"\npath = "{path}"\npreload = true\nmax_batch_size = 64\n'
         f"prefill_batch_size = {PREFILL_BATCH_SIZE}\n"
     )
-    process = subprocess.Popen([sys.executable, "-m", "mlxpool", "serve", "--config", str(config)])
+    command, env = mlxpool_command(trace)
+    process = subprocess.Popen([*command, "serve", "--config", str(config)], env=env)
     wait_up(f"http://127.0.0.1:{port}", process, "/health/ready")
     return process
 
@@ -214,7 +224,7 @@ def serve_and_measure(
     which: str, path: Path, texts: list[str], counts: list[int], args: Any, workdir: Path
 ) -> list[dict[str, Any]]:
     port = free_port()
-    process = start_mlxpool(path, port, workdir) if which == "mlxpool" else start_mlx_lm_server(path, port)
+    process = start_mlxpool(path, port, workdir, args.trace) if which == "mlxpool" else start_mlx_lm_server(path, port)
     model = "bench" if which == "mlxpool" else str(path)
     results, used = [], 0
     try:
@@ -237,6 +247,7 @@ def main() -> None:
     parser.add_argument("--skip-mlx-lm-server", action="store_true")
     parser.add_argument("--warmups", type=int, default=1, help="unmeasured runs of each load before the measured one")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--trace", type=Path, help="write mlxpool's worker-step timeline here (bench/step_trace.py)")
     parser.add_argument("--prefill-batch-size", type=int, default=32, help="for mlxpool's model and the raw loop alike")
     parser.add_argument(
         "--repeat-prompts", action="store_true", help="send the same prompts in every load (prompt-cache hits)"

@@ -15,7 +15,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,11 @@ import embeddings
 import load
 
 
-def start(config: str, workdir: Path, port: int) -> subprocess.Popen[bytes]:
+def start(config: str, workdir: Path, port: int, trace: Path | None = None) -> subprocess.Popen[bytes]:
     path = workdir / "pool.toml"
     path.write_text(f'[server]\nports = [{port}]\nlog_level = "warning"\n' + config)
-    process = subprocess.Popen([sys.executable, "-m", "mlxpool", "serve", "--config", str(path)])
+    command, env = chat.mlxpool_command(trace)
+    process = subprocess.Popen([*command, "serve", "--config", str(path)], env=env)
     chat.wait_up(f"http://127.0.0.1:{port}", process, "/health/ready")
     return process
 
@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--cold-streams", type=int, default=16)
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--scenarios", default="fairness,cold-load,connections", help="which to run, comma-separated")
+    parser.add_argument("--trace", type=Path, help="write mlxpool's worker-step timeline here (bench/step_trace.py)")
     args = parser.parse_args()
+    scenarios = set(args.scenarios.split(","))
     result: dict[str, Any] = {"shape": args.shape}
     load.COMPLETIONS = args.shape != "tiny"  # the real-shape models have no chat template
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,23 +60,27 @@ def main() -> None:
         )
         port = chat.free_port()
         url = f"http://127.0.0.1:{port}"
-        process = start(config, workdir, port)
+        process = start(config, workdir, port, args.trace)
         try:
-            result["fairness"] = asyncio.run(load.fairness(url, "chat", "embedding", args.streams, args.seconds))
-            result["cold_load"] = asyncio.run(load.cold_load(url, "chat", "cold", args.cold_streams, args.seconds))
-            result["connections"] = asyncio.run(load.connections(url, "chat", args.clients))
+            if "fairness" in scenarios:
+                result["fairness"] = asyncio.run(load.fairness(url, "chat", "embedding", args.streams, args.seconds))
+            if "cold-load" in scenarios:
+                result["cold_load"] = asyncio.run(load.cold_load(url, "chat", "cold", args.cold_streams, args.seconds))
+            if "connections" in scenarios:
+                result["connections"] = asyncio.run(load.connections(url, "chat", args.clients))
         finally:
             process.terminate()
             process.wait(timeout=60)
-        port = chat.free_port()
-        server = chat.start_mlx_lm_server(chat_path, port)
-        try:
-            result["mlx_lm_server_connections"] = asyncio.run(
-                load.connections(f"http://127.0.0.1:{port}", str(chat_path), args.clients)
-            )
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        if "connections" in scenarios:
+            port = chat.free_port()
+            server = chat.start_mlx_lm_server(chat_path, port)
+            try:
+                result["mlx_lm_server_connections"] = asyncio.run(
+                    load.connections(f"http://127.0.0.1:{port}", str(chat_path), args.clients)
+                )
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.out:
@@ -82,15 +89,24 @@ def main() -> None:
 
 
 def _headline(r: dict[str, Any]) -> str:
-    f, c, n, m = r["fairness"], r["cold_load"], r["connections"], r["mlx_lm_server_connections"]
-    return (
-        f"fairness: embedding p99 {f['busy']['embeddings']['latency_ms']['p99']:.1f} ms under load vs "
-        f"{f['idle']['embeddings']['latency_ms']['p99']:.1f} idle = {f['p99_ratio']:.2f}x (pass {f['pass']})\n"
-        f"cold load: chat {c['during_load']['chat']['tokens_per_s']:.0f} tok/s while loading vs "
-        f"{c['alone']['chat']['tokens_per_s']:.0f} = {c['throughput_ratio']:.2f} (pass {c['pass']})\n"
-        f"connections: mlxpool errors {n['summary']['chat']['errors']} (pass {n['pass']}); "
-        f"mlx_lm.server errors {m['summary']['chat']['errors']}"
-    )
+    lines = []
+    if f := r.get("fairness"):
+        lines.append(
+            f"fairness: embedding p99 {f['busy']['embeddings']['latency_ms']['p99']:.1f} ms under load vs "
+            f"{f['idle']['embeddings']['latency_ms']['p99']:.1f} idle = {f['p99_ratio']:.2f}x (pass {f['pass']})"
+        )
+    if c := r.get("cold_load"):
+        lines.append(
+            f"cold load: chat {c['during_load']['chat']['tokens_per_s']:.0f} tok/s while loading vs "
+            f"{c['alone']['chat']['tokens_per_s']:.0f} = {c['throughput_ratio']:.2f} (pass {c['pass']})"
+        )
+    if n := r.get("connections"):
+        m = r["mlx_lm_server_connections"]
+        lines.append(
+            f"connections: mlxpool errors {n['summary']['chat']['errors']} (pass {n['pass']}); "
+            f"mlx_lm.server errors {m['summary']['chat']['errors']}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

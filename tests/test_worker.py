@@ -46,6 +46,31 @@ async def test_jobs_and_engines_take_turns_step_by_step(worker: Worker) -> None:
     assert a.threads == b.threads == {"mlx-worker"}
 
 
+async def test_work_that_arrives_during_a_step_runs_right_after_it(worker: Worker) -> None:
+    """A long generation's steps do not go twice in a row past an embedding that arrived during one of them."""
+    order: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    class Busy(FakeEngine):
+        def step(self) -> None:
+            super().step()
+            if len(order) == 3:  # the third step: hold it until the other engine has work
+                inside.set()
+                release.wait(5)
+
+    busy, quick = Busy("busy", None, steps=order, pending=1000), FakeEngine("quick", None, steps=order)
+    worker.add_engine(busy)
+    worker.add_engine(quick)
+    assert await asyncio.to_thread(inside.wait, 5)
+    quick.pending = 1
+    worker.wake()
+    release.set()
+    while quick.pending:
+        await asyncio.sleep(0.001)
+    busy.pending = 0
+    assert order[:4] == ["busy"] * 3 + ["quick"], order[:6]
+
+
 async def test_job_reports_the_memory_it_allocated(worker: Worker) -> None:
     def allocate() -> Task[mx.array]:
         x = mx.ones((1024, 256), dtype=mx.float32)

@@ -2,7 +2,8 @@
 
 Work arrives as steps. A `Job` is a generator run one `next()` per step (a model load yields between weight
 slices); an engine is a `Steppable` that does one bounded unit of its pending work per step (one embedding
-micro-batch). The worker round-robins over everything runnable, so no single piece of work holds it for long.
+micro-batch). Each step goes to the runnable item served least recently, so work that arrives while another
+engine's step runs goes next, after that one step; nothing holds the worker for longer.
 Results go back to the event loop with `call_soon_threadsafe`.
 """
 
@@ -71,8 +72,8 @@ class Job:
 class Worker:
     def __init__(self) -> None:
         self._wake = threading.Condition()
-        self._jobs: list[Job] = []
-        self._engines: list[Steppable] = []
+        self._items: list[Job | Steppable] = []
+        """Jobs and engines, least recently stepped first."""
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self.active_memory = 0
@@ -97,18 +98,18 @@ class Worker:
 
     def add_engine(self, engine: Steppable) -> None:
         with self._wake:
-            self._engines.append(engine)
+            self._items.insert(0, engine)
             self._wake.notify()
 
     def remove_engine(self, engine: Steppable) -> None:
         with self._wake:
-            self._engines.remove(engine)
+            self._items.remove(engine)
 
     async def run(self, task: Task[T]) -> tuple[T, int]:
         """Run a generator task step by step on the worker; returns its value and the bytes it allocated."""
         future: asyncio.Future[tuple[T, int]] = asyncio.get_running_loop().create_future()
         with self._wake:
-            self._jobs.append(Job(task, future))
+            self._items.insert(0, Job(task, future))
             self._wake.notify()
         return await future
 
@@ -122,27 +123,33 @@ class Worker:
         value, _ = await self.run(task())
         return value
 
-    def _runnable(self) -> list[Job | Steppable]:
+    def _next(self) -> Job | Steppable | None:
+        """The runnable item stepped least recently (it moves to the back), or None when stopping."""
         with self._wake:
             while not self._stopping:
-                ready: list[Job | Steppable] = [*self._jobs, *(e for e in self._engines if e.has_work())]
-                if ready:
-                    return ready
+                for i, item in enumerate(self._items):
+                    if _runnable(item):
+                        self._items.append(self._items.pop(i))
+                        return item
                 self._wake.wait()
-            return []
+            return None
 
     def _run(self) -> None:
         self.baseline_memory = self.active_memory = mx.get_active_memory()
-        while ready := self._runnable():
-            for item in ready:
-                try:
-                    item.step()
-                except Exception:
-                    log.exception("worker step failed in %r", item)
-                self.steps += 1
-            with self._wake:
-                self._jobs = [job for job in self._jobs if not job.done]
+        while item := self._next():
+            try:
+                item.step()
+            except Exception:
+                log.exception("worker step failed in %r", item)
+            self.steps += 1
+            if isinstance(item, Job) and item.done:
+                with self._wake:
+                    self._items.remove(item)
             self.active_memory = mx.get_active_memory()
+
+
+def _runnable(item: Job | Steppable) -> bool:
+    return not item.done if isinstance(item, Job) else item.has_work()
 
 
 def release_memory(target: int = 0) -> int:

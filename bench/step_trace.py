@@ -1,0 +1,170 @@
+"""Run `mlxpool` with a timeline of its worker steps, to see where time goes under a load.
+
+    MLXPOOL_STEP_TRACE=trace.jsonl python bench/step_trace.py serve --config C.toml   # then run a load
+    python bench/step_trace.py --summary trace.jsonl
+
+Every chat and embedding engine step is recorded (start, end, and what the batch looked like), and so is every
+chat request and embedding request as the event loop sees it (submitted, first/last result). The file is written
+when the server exits. `--summary` prints, per burst of chat requests, how long the batch took to fill, the
+number of decode steps and their sizes, and, for embeddings, how long requests waited for the worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+RECORDS: list[dict[str, Any]] = []
+
+
+def install(path: str) -> None:
+    from mlxpool.engines.chat import ChatEngine
+    from mlxpool.engines.embedding import EmbeddingEngine
+
+    clock = time.perf_counter
+    chat_step, generate = ChatEngine.step, ChatEngine.generate
+    embedding_step, embed = EmbeddingEngine.step, EmbeddingEngine.embed
+
+    def traced_chat_step(self: ChatEngine) -> None:
+        incoming, start, tokens = len(self._incoming), clock(), self.generated_tokens
+        chat_step(self)
+        g = self.generator
+        RECORDS.append({
+            "e": "chat_step", "t0": start, "t1": clock(), "incoming": incoming, "active": len(self._active),
+            "decode": len(g._generation_batch), "prefill": len(g._prompt_batch),
+            "waiting": len(g._unprocessed_sequences), "solo": self._solo is not None,
+            "tokens": self.generated_tokens - tokens,
+        })  # fmt: skip
+
+    async def traced_generate(self: ChatEngine, *args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        record: dict[str, Any] = {"e": "chat_request", "submit": clock(), "first": None, "tokens": 0}
+        RECORDS.append(record)
+        async with contextlib.aclosing(generate(self, *args, **kwargs)) as deltas:
+            async for delta in deltas:
+                record["first"] = record["first"] or clock()
+                record["tokens"] += 1
+                yield delta
+        record["end"] = clock()
+
+    def traced_embedding_step(self: EmbeddingEngine) -> None:
+        start, before = clock(), self.sequences
+        embedding_step(self)
+        RECORDS.append({"e": "embedding_step", "t0": start, "t1": clock(), "rows": self.sequences - before})
+
+    async def traced_embed(self: EmbeddingEngine, sequences: list[list[int]]) -> Any:
+        record = {"e": "embedding_request", "submit": clock()}
+        RECORDS.append(record)
+        try:
+            return await embed(self, sequences)
+        finally:
+            record["end"] = clock()
+
+    ChatEngine.step = traced_chat_step  # type: ignore[method-assign]
+    ChatEngine.generate = traced_generate  # type: ignore[method-assign]
+    EmbeddingEngine.step = traced_embedding_step  # type: ignore[method-assign]
+    EmbeddingEngine.embed = traced_embed  # type: ignore[method-assign]
+
+    def write() -> None:
+        with open(path, "w") as f:
+            for record in RECORDS:
+                f.write(json.dumps(record) + "\n")
+
+    atexit.register(write)
+    # uvicorn raises the SIGTERM it caught again once it has shut down: exit normally then, so atexit runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
+    """Chat requests grouped into bursts (a pause of `gap` seconds separates two), and embedding waits."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [r for r in records if r["e"] == "chat_step"]
+    requests = sorted((r for r in records if r["e"] == "chat_request" and "end" in r), key=lambda r: r["submit"])
+    bursts: list[list[dict[str, Any]]] = []
+    for r in requests:
+        if bursts and r["submit"] - max(x["end"] for x in bursts[-1]) < gap:
+            bursts[-1].append(r)
+        else:
+            bursts.append([r])
+    out: dict[str, Any] = {"bursts": []}
+    for burst in bursts:
+        start, end = burst[0]["submit"], max(r["end"] for r in burst)
+        inside = [s for s in steps if start <= s["t0"] <= end]
+        busy = sum(s["t1"] - s["t0"] for s in inside)
+        decode = [s for s in inside if s["decode"] or s["solo"]]
+        joins = [s for s in inside if s["prefill"] or s["waiting"]]
+        tokens = sum(r["tokens"] for r in burst)
+        out["bursts"].append({
+            "requests": len(burst),
+            "seconds": round(end - start, 4),
+            "tokens_per_s": round(tokens / (end - start), 1),
+            "arrival_spread_ms": round(1000 * (burst[-1]["submit"] - start), 1),
+            "ttft_ms_p50": round(1000 * statistics.median(r["first"] - r["submit"] for r in burst), 1),
+            "last_first_token_ms": round(1000 * (max(r["first"] for r in burst) - start), 1),
+            "steps": len(inside),
+            "worker_busy": round(busy / (end - start), 3),
+            "step_ms_p50": round(1000 * _pct([s["t1"] - s["t0"] for s in inside], 0.5), 2),
+            "step_ms_p99": round(1000 * _pct([s["t1"] - s["t0"] for s in inside], 0.99), 2),
+            "steps_with_prefill": len(joins),
+            "prefill_step_ms_total": round(1000 * sum(s["t1"] - s["t0"] for s in joins), 1),
+            "decode_batch_sizes": _histogram([s["decode"] or 1 for s in decode]),
+        })  # fmt: skip
+    embedding_steps = [s for s in records if s["e"] == "embedding_step"]
+    chat_busy = [(s["t0"], s["t1"]) for s in steps if s["decode"] > 8]
+    for name, busy in (("embeddings_idle", False), ("embeddings_busy", True)):
+        waits = []
+        for r in (r for r in records if r["e"] == "embedding_request" and "end" in r):
+            if _overlaps(chat_busy, r["submit"], r["end"]) != busy:
+                continue
+            own = next((s for s in embedding_steps if s["t0"] >= r["submit"]), None)
+            if own is not None:  # waited for the worker, its forward pass, submit to result
+                waits.append((own["t0"] - r["submit"], own["t1"] - own["t0"], r["end"] - r["submit"]))
+        if waits:
+            out[name] = {"requests": len(waits)} | {
+                f"{what}_ms_{q}": round(1000 * _pct([w[i] for w in waits], p), 2)
+                for i, what in enumerate(("wait", "forward", "total")) for q, p in (("p50", 0.5), ("p99", 0.99))
+            }  # fmt: skip
+    chat_ms = [1000 * (t1 - t0) for t0, t1 in chat_busy]
+    if chat_ms:
+        out["chat_step_ms_batch_over_8"] = {"p50": round(_pct(chat_ms, 0.5), 2), "p99": round(_pct(chat_ms, 0.99), 2)}
+    return out
+
+
+def _overlaps(spans: list[tuple[float, float]], start: float, end: float) -> bool:
+    return any(t0 < end and t1 > start for t0, t1 in spans)
+
+
+def _histogram(sizes: list[int]) -> dict[str, int]:
+    edges = (1, 2, 4, 8, 16, 32, 48, 64, 128)
+    counts: dict[str, int] = {}
+    for size in sizes:
+        edge = next(e for e in edges if size <= e)
+        counts[f"<={edge}"] = counts.get(f"<={edge}", 0) + 1
+    return counts
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--summary"]:
+        print(json.dumps(summarize(Path(sys.argv[2])), indent=2))
+        return
+    install(os.environ["MLXPOOL_STEP_TRACE"])
+    from mlxpool.cli import main as mlxpool_main
+
+    sys.exit(mlxpool_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
