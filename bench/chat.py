@@ -93,13 +93,19 @@ def raw_batch_generator(path: Path, texts: list[str], new_tokens: int) -> dict[s
         )
         generator.insert(ids, max_tokens=[new_tokens] * len(ids))
         start, tokens = time.perf_counter(), 0
-        while responses := generator.next_generated():
+        steps.clear()
+        while True:
+            tic = time.perf_counter()
+            if not (responses := generator.next_generated()):
+                break
+            steps.append(time.perf_counter() - tic)
             tokens += len(responses)
         return tokens, time.perf_counter() - start
 
+    steps: list[float] = []
     run()  # warm-up: kernels for these shapes
     tokens, seconds = run()
-    return {"tokens_per_s": tokens / seconds, "tokens": tokens}
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "step_ms_p50": 1000 * statistics.median(steps)}
 
 
 def single_stream(path: Path, text: str, new_tokens: int) -> dict[str, float]:

@@ -161,6 +161,8 @@ def main() -> None:
         print(json.dumps(summarize(Path(sys.argv[2])), indent=2))
         return
     install(os.environ["MLXPOOL_STEP_TRACE"])
+    if interval := os.environ.get("MLXPOOL_SWITCH_INTERVAL"):  # an experiment: the GIL's switch interval
+        sys.setswitchinterval(float(interval))
     from mlxpool.cli import main as mlxpool_main
 
     sys.exit(mlxpool_main(sys.argv[1:]))

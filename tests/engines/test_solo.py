@@ -118,3 +118,33 @@ async def test_the_batch_reads_new_prompts_in_groups_of_prefill_batch_size(
         for name, size in (("default", 32), ("wide", 48)):
             await s.pool.load(name)
             assert engine(s, name).generator.prefill_batch_size == size
+
+
+async def test_a_step_posts_all_its_deltas_to_the_loop_at_once(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One wake-up of the event loop per worker step, however many sequences produced a token in it."""
+    chat = engine(served, "batched")
+    loop = asyncio.get_running_loop()
+    posts: list[int] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any) -> Any:
+        if getattr(callback, "__name__", "") == "_put_all":
+            posts.append(len(args[0]))
+        return original(callback, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    steps_before = chat.steps
+    prompts = [f"Count to {n}, slowly." for n in range(8)]
+    answers = await asyncio.gather(*(answer(served, "batched", p, max_tokens=12) for p in prompts))
+    assert all(a["usage"]["completion_tokens"] == 12 for a in answers)
+    assert sum(posts) >= 8 * 12  # every token's delta went through a post (text held back goes with the next)
+    assert len(posts) <= chat.steps - steps_before  # never more than one post per step
+    assert max(posts) > 1  # and the steps with several sequences posted them together
+
+
+async def test_sequences_with_the_same_sampling_share_one_sampler(served: Served) -> None:
+    """mlx-lm samples a batch in one call only when its rows share the sampler object."""
+    chat = engine(served, "batched")
+    warm, also_warm, cold = (SamplingParams(16, temperature=t, top_p=0.9) for t in (0.7, 0.7, 0.2))
+    assert chat._sampler(warm) is chat._sampler(also_warm)
+    assert chat._sampler(warm) is not chat._sampler(cold)

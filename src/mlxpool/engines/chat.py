@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxpool.config import ModelSpec
-from mlxpool.engines.sequences import SOLO, Delta, SamplingParams, Sequence, TokenLogprob, fail, send
+from mlxpool.engines.sequences import SOLO, Delta, SamplingParams, Sequence, TokenLogprob, failure, post
 from mlxpool.engines.solo import SoloDecoder
 from mlxpool.engines.structured import GrammarProcessor, llg_tokenizer
 from mlxpool.engines.weights import materialize
@@ -58,6 +58,9 @@ class ChatEngine:
         self.handoffs = 0
         self._incoming: deque[Sequence] = deque()
         self._active: dict[int, Sequence] = {}
+        self._samplers: dict[tuple[float, float, float, int], Any] = {}
+        self._outbox: list[tuple[Sequence, Delta]] = []
+        """This step's deltas, posted to the loop together when it ends."""
         self.steps = 0
         self.generated_tokens = 0
 
@@ -107,6 +110,13 @@ class ChatEngine:
         return bool(self._incoming or self._active)
 
     def step(self) -> None:
+        try:
+            self._step()
+        finally:
+            post(self._outbox)
+            self._outbox = []
+
+    def _step(self) -> None:
         self._admit()
         self._drop_cancelled()
         if not self._active:
@@ -116,7 +126,7 @@ class ChatEngine:
             responses = self._next()
         except Exception as exc:  # a failed step fails every sequence in it, the engine goes on
             for sequence in self._active.values():
-                fail(sequence, exc)
+                self._outbox.append((sequence, failure(sequence, exc)))
             self._remove(list(self._active))
             self._active.clear()
             return
@@ -158,7 +168,6 @@ class ChatEngine:
             [rest], max_tokens=[sequence.params.max_tokens], caches=[cache], all_tokens=[prompt[:cached]],
             samplers=[sampler], logits_processors=[processors],
         )  # fmt: skip
-        self._count_cache()
         return int(uid)
 
     def _next(self) -> list[tuple[int, int, str | None, Any]]:
@@ -213,7 +222,6 @@ class ChatEngine:
         self._solo = SoloDecoder(
             self.model, prompt, cache, rest, sampler, processors, p.max_tokens, self.spec.prefill_step_size
         )
-        self._count_cache()
         self.alone += 1
         return SOLO
 
@@ -259,8 +267,9 @@ class ChatEngine:
     # --- sequences ---------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        from mlx_lm.sample_utils import make_logits_processors
 
+        admitted = bool(self._incoming)
         while self._incoming:
             sequence = self._incoming.popleft()
             if sequence.cancelled:
@@ -268,7 +277,7 @@ class ChatEngine:
             p = sequence.params
             if p.seed is not None:
                 mx.random.seed(p.seed)
-            sampler = make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
+            sampler = self._sampler(p)
             processors = make_logits_processors(
                 repetition_penalty=p.repetition_penalty,
                 presence_penalty=p.presence_penalty,
@@ -284,9 +293,23 @@ class ChatEngine:
                 else:
                     sequence.uid = self._insert(sequence, sampler, processors)
             except Exception as exc:  # this request's input could not be read; the others go on
-                fail(sequence, exc)
+                self._outbox.append((sequence, failure(sequence, exc)))
                 continue
             self._active[sequence.uid] = sequence
+        if admitted:
+            self._count_cache()
+
+    def _sampler(self, p: SamplingParams) -> Any:
+        """One sampler per distinct setting: sequences that share it are sampled in one call per step (mlx-lm
+        samples row by row when the samplers of a batch differ)."""
+        from mlx_lm.sample_utils import make_sampler
+
+        key = (p.temperature, p.top_p, p.min_p, p.top_k)
+        if (sampler := self._samplers.get(key)) is None:
+            sampler = self._samplers[key] = make_sampler(
+                temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k
+            )
+        return sampler
 
     def _grammar_tokenizer(self) -> Any:
         if self._llg_tokenizer is None:
@@ -331,7 +354,7 @@ class ChatEngine:
             delta = Delta(
                 piece, finish, sequence.tokens, logprobs, None, sequence.prompt_tokens, sequence.cached_tokens
             )
-            send(sequence, delta)
+            self._outbox.append((sequence, delta))
             sequence.emitted = max(end, sequence.emitted)
             sequence.logprobs = []
 

@@ -70,9 +70,20 @@ class Sequence:
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
-def send(sequence: Sequence, delta: Delta) -> None:
-    sequence.loop.call_soon_threadsafe(sequence.queue.put_nowait, delta)
+def failure(sequence: Sequence, exc: Exception) -> Delta:
+    return Delta("", "error", sequence.tokens, error=str(exc) or type(exc).__name__)
 
 
-def fail(sequence: Sequence, exc: Exception) -> None:
-    send(sequence, Delta("", "error", sequence.tokens, error=str(exc) or type(exc).__name__))
+def post(deltas: list[tuple[Sequence, Delta]]) -> None:
+    """Hand one worker step's deltas to the event loop in one call: a wake-up per step, not per sequence (each
+    wake-up makes the loop thread take the GIL while the worker still wants it)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
+    for sequence, delta in deltas:
+        by_loop.setdefault(sequence.loop, []).append((sequence.queue, delta))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)
