@@ -108,6 +108,41 @@ def raw_batch_generator(path: Path, texts: list[str], new_tokens: int) -> dict[s
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "step_ms_p50": 1000 * statistics.median(steps)}
 
 
+def engine_direct(path: Path, texts: list[str], new_tokens: int) -> dict[str, float]:
+    """mlxpool's chat engine stepped directly on this thread, all prompts at once: no HTTP, no event loop traffic,
+    no worker thread. Against the raw loop it is the engine's own cost; against the server, the serving cost."""
+    from mlxpool.config import ModelSpec
+    from mlxpool.engines.chat import SamplingParams, Sequence, load_chat
+
+    spec = ModelSpec(name="bench", kind="chat", path=str(path), max_batch_size=64,
+                     prefill_batch_size=PREFILL_BATCH_SIZE, prompt_cache_size=8)  # fmt: skip
+    task = load_chat(spec, path, None)  # type: ignore[arg-type]
+    try:
+        while True:
+            next(task)
+    except StopIteration as done:
+        engine = done.value
+
+    async def run(batch: list[str]) -> tuple[int, float, list[float]]:
+        for text in batch:
+            ids = engine.tokenizer.encode(text)
+            sequence = Sequence(
+                ids, SamplingParams(new_tokens, temperature=0), asyncio.Queue(), engine.tokenizer.detokenizer
+            )
+            engine._incoming.append(sequence)
+        start, steps, tokens = time.perf_counter(), [], engine.generated_tokens
+        while engine.has_work():
+            tic = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - tic)
+        return engine.generated_tokens - tokens, time.perf_counter() - start, steps
+
+    half = len(texts) // 2
+    asyncio.run(run(texts[:half]))  # warm-up
+    tokens, seconds, steps = asyncio.run(run(texts[half:]))
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "step_ms_p50": 1000 * statistics.median(steps)}
+
+
 def single_stream(path: Path, text: str, new_tokens: int) -> dict[str, float]:
     """mlx-lm's stream_generate decode speed for one sequence."""
     from mlx_lm import load, stream_generate
@@ -275,6 +310,7 @@ def main() -> None:
             "new_tokens": args.new_tokens,
         }
         result["raw_batch_generator"] = raw_batch_generator(path, texts[: max(counts)], args.new_tokens)
+        result["engine_direct"] = engine_direct(path, texts[: 2 * max(counts)], args.new_tokens)
         result["raw_batch_generator_1"] = raw_batch_generator(path, texts[:1], args.new_tokens)
         result["stream_generate"] = single_stream(path, texts[0], args.new_tokens)
         result["mlxpool"] = serve_and_measure("mlxpool", path, texts, counts, args, workdir)
@@ -290,7 +326,8 @@ def print_table(result: dict[str, Any]) -> None:
     raw = result["raw_batch_generator"]["tokens_per_s"]
     print(f"\nraw BatchGenerator: {raw:.0f} tok/s ({result['raw_batch_generator_1']['tokens_per_s']:.0f} for one "
           "sequence); stream_generate single stream: "
-          f"{result['stream_generate']['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
+          f"{result['stream_generate']['decode_tokens_per_s']:.1f} tok/s; engine alone "
+          f"{result['engine_direct']['tokens_per_s']:.0f} tok/s")  # fmt: skip
     for name in ("mlxpool", "mlx_lm_server"):
         for row in result.get(name, []):
             print(f"{name:14s} clients {row['clients']:3d}: {row['tokens_per_s']:8.1f} tok/s  TTFT p50 "

@@ -3,10 +3,13 @@ one, answers stay exactly what they are without the cache, and the cache's bytes
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import pytest
 
 from mlxpool.demo import build_tiny_chat
@@ -83,3 +86,29 @@ async def test_cache_bytes_count_in_the_pool_and_trim_away(served: Served) -> No
     assert entry.footprint == (entry.measured or 0) + chat.cache_bytes
     await served.pool.worker.call(lambda: chat.trim_cache(0))
     assert chat.cache_bytes == 0 and chat.describe()["prompt_cache_entries"] == 0
+
+
+async def test_what_the_cache_holds_is_what_it_counts(served: Served) -> None:
+    """Sequences that finish at different steps leave their KV in the cache as copies: the memory MLX holds
+    afterwards is the counted cache bytes, not the batch's whole KV buffers of each of those steps."""
+
+    def active() -> int:
+        gc.collect()
+        mx.clear_cache()
+        return int(mx.get_active_memory())
+
+    await turn(served, "cached", [{"role": "user", "content": "Warm up."}])
+    chat = engine(served, "cached")
+    await served.pool.worker.call(lambda: chat.trim_cache(0))
+    before = await served.pool.worker.call(active)
+    story = "Tell me a long story about the sea, the wind and the ships. " * 4
+    await asyncio.gather(
+        *(
+            turn(served, "cached", [{"role": "user", "content": f"{n}. {story}"}], max_tokens=4 + 3 * n)
+            for n in range(12)
+        )
+    )
+    held = await served.pool.worker.call(active) - before
+    assert chat.describe()["prompt_cache_entries"] == 8
+    assert chat.cache_bytes > 0
+    assert held <= 1.1 * chat.cache_bytes + 64 * 1024, (held, chat.cache_bytes)

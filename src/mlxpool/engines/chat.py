@@ -177,7 +177,10 @@ class ChatEngine:
         _, responses = self.generator.next()
         finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
         if self.prompt_cache is not None and finished:
-            for r in finished:
+            # Only as many as the cache keeps. A finished sequence's cache is a lazy slice of the whole batch's
+            # KV: evaluated now, it stops holding that (far larger) buffer, and its bytes are what is counted.
+            for r in finished[-self.prompt_cache.max_size :]:
+                mx.async_eval([c.state for c in r.prompt_cache])  # type: ignore[no-untyped-call]
                 self.prompt_cache.insert_cache(self.spec.name, list(r.all_tokens), r.prompt_cache)
             self._count_cache()
         return [(r.uid, r.token, r.finish_reason, r.logprobs) for r in responses]
