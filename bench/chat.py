@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,36 +78,35 @@ def prompts(n: int, length: int, vocab: int | None) -> list[str]:
     return [" ".join(f"w{rng.randrange(1, vocab - 1)}" for _ in range(length)) for _ in range(n)]
 
 
-def raw_batch_generator(path: Path, texts: list[str], new_tokens: int) -> dict[str, float]:
-    """mlx-lm's BatchGenerator driven directly: the ceiling for batched decoding of these prompts."""
-    from mlx_lm import load
-    from mlx_lm.generate import BatchGenerator
+class RawLoop:
+    """mlx-lm's BatchGenerator driven directly, all prompts inserted at once: the ceiling for batched decoding.
+    Loaded once; `run` can be called between server loads, so both are measured in the same minutes."""
 
-    model, tokenizer = load(str(path))[:2]
-    ids = [tokenizer.encode(t) for t in texts]
+    def __init__(self, path: Path):
+        from mlx_lm import load
 
-    def run() -> tuple[int, float]:
+        self.model, self.tokenizer = load(str(path))[:2]
+
+    def run(self, texts: list[str], new_tokens: int) -> dict[str, float]:
+        from mlx_lm.generate import BatchGenerator
+
+        ids = [self.tokenizer.encode(t) for t in texts]
         generator = BatchGenerator(
-            model,
-            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            self.model,
+            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=64,
             prefill_batch_size=PREFILL_BATCH_SIZE,  # the same setting as the server's
         )
         generator.insert(ids, max_tokens=[new_tokens] * len(ids))
-        start, tokens = time.perf_counter(), 0
-        steps.clear()
+        start, tokens, steps = time.perf_counter(), 0, []
         while True:
             tic = time.perf_counter()
             if not (responses := generator.next_generated()):
                 break
             steps.append(time.perf_counter() - tic)
             tokens += len(responses)
-        return tokens, time.perf_counter() - start
-
-    steps: list[float] = []
-    run()  # warm-up: kernels for these shapes
-    tokens, seconds = run()
-    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "step_ms_p50": 1000 * statistics.median(steps)}
+        seconds = time.perf_counter() - start
+        return {"tokens_per_s": tokens / seconds, "tokens": tokens, "step_ms_p50": 1000 * statistics.median(steps)}
 
 
 def engine_direct(path: Path, texts: list[str], new_tokens: int) -> dict[str, float]:
@@ -232,38 +233,62 @@ async def one_stream(client: aiohttp.ClientSession, model: str, text: str, new_t
 
 
 async def load_test(
-    port: int, model: str, texts: list[str], clients: int, new_tokens: int, warmups: int
+    port: int,
+    model: str,
+    texts: list[str],
+    clients: int,
+    new_tokens: int,
+    warmups: int,
+    rounds: int = 1,
+    between: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
+    """`warmups` unmeasured runs of `clients` concurrent streams, then `rounds` measured ones (medians reported);
+    `between`, when given, runs before each measured round (the raw loop) and its results are kept beside."""
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=1200)
+    batches = iter(texts[i * clients : (i + 1) * clients] for i in range(warmups + rounds))
+    measured, beside = [], []
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout) as client:
-        # Warm-up: the same load once, so kernels for the batch shapes it produces are compiled (GPU backends
+        # Warm-up: the same load, so kernels for the batch shapes it produces are compiled (GPU backends
         # compile per new shape, and arrival timing decides which batch sizes occur).
-        for round in range(warmups):
-            batch = texts[round * clients : (round + 1) * clients]
-            await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in batch))
-        batch = texts[warmups * clients : (warmups + 1) * clients]
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(one_stream(client, model, t, new_tokens) for t in batch), return_exceptions=True
+        for _ in range(warmups):
+            await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in next(batches)))
+        for _ in range(rounds):
+            if between is not None:
+                beside.append(between())
+            batch, start = next(batches), time.perf_counter()
+            results = await asyncio.gather(
+                *(one_stream(client, model, t, new_tokens) for t in batch), return_exceptions=True
+            )
+            measured.append((results, time.perf_counter() - start))
+    rows: list[dict[str, Any]] = []
+    for results, seconds in measured:
+        done = [r for r in results if isinstance(r, tuple)]
+        ttfts = sorted(r[0] for r in done)
+        rows.append({
+            "tokens_per_s": sum(r[1] for r in done) / seconds,
+            "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+            "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
+            "failed": len(results) - len(done),
+            "tokens_per_request": sorted({r[1] for r in done}),
+            "seconds": seconds,
+        })  # fmt: skip
+    median = {k: statistics.median(row[k] for row in rows) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
+    out = {"clients": clients, **median, "failed": sum(row["failed"] for row in rows), "rounds": rows}
+    if beside:
+        out["raw_rounds"] = beside
+        out["raw_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in beside)
+        out["ratio_to_raw"] = statistics.median(
+            row["tokens_per_s"] / b["tokens_per_s"] for row, b in zip(rows, beside, strict=True)
         )
-        seconds = time.perf_counter() - start
-    done = [r for r in results if isinstance(r, tuple)]
-    ttfts = sorted(r[0] for r in done)
-    return {
-        "clients": clients,
-        "tokens_per_s": sum(r[1] for r in done) / seconds,
-        "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
-        "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
-        "failed": len(results) - len(done),
-        "tokens_per_request": sorted({r[1] for r in done}),
-        "seconds": seconds,
-    }
+    return out
 
 
 def serve_and_measure(
-    which: str, path: Path, texts: list[str], counts: list[int], args: Any, workdir: Path
+    which: str, path: Path, texts: list[str], counts: list[int], args: Any, workdir: Path, raw: RawLoop
 ) -> list[dict[str, Any]]:
+    """Each client count: warm-ups, then `--rounds` measured loads; at the largest count the raw loop runs before
+    each of them (same prompts count, fresh prompts), so the ratio compares runs minutes apart at most."""
     port = free_port()
     process = start_mlxpool(path, port, workdir, args.trace) if which == "mlxpool" else start_mlx_lm_server(path, port)
     model = "bench" if which == "mlxpool" else str(path)
@@ -271,8 +296,10 @@ def serve_and_measure(
     try:
         for n in counts:  # each load gets prompts no earlier load sent, unless --repeat-prompts
             batch = texts if args.repeat_prompts else texts[used:]
-            results.append(asyncio.run(load_test(port, model, batch, n, args.new_tokens, args.warmups)))
-            used += n * (args.warmups + 1)
+            between = functools.partial(raw.run, texts[:n], args.new_tokens) if n == max(counts) else None
+            load = load_test(port, model, batch, n, args.new_tokens, args.warmups, args.rounds, between)
+            results.append(asyncio.run(load))
+            used += n * (args.warmups + args.rounds)
         return results
     finally:
         process.terminate()
@@ -287,6 +314,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--skip-mlx-lm-server", action="store_true")
     parser.add_argument("--warmups", type=int, default=1, help="unmeasured runs of each load before the measured one")
+    parser.add_argument("--rounds", type=int, default=3, help="measured runs of each load (medians are reported)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--trace", type=Path, help="write mlxpool's worker-step timeline here (bench/step_trace.py)")
     parser.add_argument("--prefill-batch-size", type=int, default=32, help="for mlxpool's model and the raw loop alike")
@@ -301,7 +329,8 @@ def main() -> None:
         workdir = Path(tmp)
         path = build_model(args.shape, workdir)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-        needed = max(counts) * (args.warmups + 1) if args.repeat_prompts else sum(counts) * (args.warmups + 1)
+        runs = args.warmups + args.rounds
+        needed = max(counts) * runs if args.repeat_prompts else sum(counts) * runs
         texts = prompts(needed, args.prompt_tokens, None if args.shape == "tiny" else vocab)
         result: dict[str, Any] = {
             "shape": args.shape,
@@ -309,13 +338,16 @@ def main() -> None:
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
         }
-        result["raw_batch_generator"] = raw_batch_generator(path, texts[: max(counts)], args.new_tokens)
+        raw = RawLoop(path)
+        raw.run(texts[: max(counts)], args.new_tokens)  # warm-up: kernels for these shapes
+        result["raw_batch_generator"] = raw.run(texts[: max(counts)], args.new_tokens)
+        raw.run(texts[:1], args.new_tokens)
+        result["raw_batch_generator_1"] = raw.run(texts[:1], args.new_tokens)
         result["engine_direct"] = engine_direct(path, texts[: 2 * max(counts)], args.new_tokens)
-        result["raw_batch_generator_1"] = raw_batch_generator(path, texts[:1], args.new_tokens)
         result["stream_generate"] = single_stream(path, texts[0], args.new_tokens)
-        result["mlxpool"] = serve_and_measure("mlxpool", path, texts, counts, args, workdir)
+        result["mlxpool"] = serve_and_measure("mlxpool", path, texts, counts, args, workdir, raw)
         if not args.skip_mlx_lm_server:
-            result["mlx_lm_server"] = serve_and_measure("mlx_lm.server", path, texts, counts, args, workdir)
+            result["mlx_lm_server"] = serve_and_measure("mlx_lm.server", path, texts, counts, args, workdir, raw)
     print(json.dumps(result, indent=2))
     print_table(result)
     if args.out:
@@ -330,8 +362,10 @@ def print_table(result: dict[str, Any]) -> None:
           f"{result['engine_direct']['tokens_per_s']:.0f} tok/s")  # fmt: skip
     for name in ("mlxpool", "mlx_lm_server"):
         for row in result.get(name, []):
+            ratio = f"  {row['ratio_to_raw']:.2f}x the raw loop beside" if "ratio_to_raw" in row else ""
             print(f"{name:14s} clients {row['clients']:3d}: {row['tokens_per_s']:8.1f} tok/s  TTFT p50 "
-                  f"{row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms  failed {row['failed']}")  # fmt: skip
+                  f"{row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms  failed {row['failed']}"
+                  + ratio)  # fmt: skip
 
 
 if __name__ == "__main__":
