@@ -5,7 +5,8 @@
 
 Prompts of `--prompt-tokens` random words, `--new-tokens` generated (greedy), streamed through /v1/completions.
 Reports, per client count: aggregate generated tokens/s, TTFT p50/p99, failed requests; plus the raw
-BatchGenerator loop at the largest count and single-stream `stream_generate` decode speed.
+BatchGenerator loop at the largest count and single-stream `stream_generate` decode speed, each also run beside
+every measured round of the server (`--rounds`) so their ratios are taken seconds apart.
 """
 
 from __future__ import annotations
@@ -48,13 +49,16 @@ def build_model(shape: str, root: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen3
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     path = root / shape
     path.mkdir(parents=True)
     vocab = {f"w{i}": i for i in range(QWEN3_06B["vocab_size"])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Qwen3's real tokenizer is byte-level BPE, which mlx-lm detokenizes incrementally (BPEStreamingDetokenizer,
+    # ~4 us a token); without a decoder it would re-decode each sequence's whole text at every token (~22 us).
+    tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(path / "tokenizer.json"))
     eos = QWEN3_06B["vocab_size"] - 1
     (path / "tokenizer_config.json").write_text(
@@ -108,6 +112,13 @@ class RawLoop:
         seconds = time.perf_counter() - start
         return {"tokens_per_s": tokens / seconds, "tokens": tokens, "step_ms_p50": 1000 * statistics.median(steps)}
 
+    def stream(self, text: str, new_tokens: int) -> dict[str, float]:
+        """mlx-lm's `stream_generate` for one sequence: its decode speed (prompt excluded) as `tokens_per_s`."""
+        from mlx_lm import stream_generate
+
+        responses = list(stream_generate(self.model, self.tokenizer, text, max_tokens=new_tokens))
+        return {"tokens_per_s": responses[-1].generation_tps}
+
 
 def engine_direct(path: Path, texts: list[str], new_tokens: int) -> dict[str, float]:
     """mlxpool's chat engine stepped directly on this thread, all prompts at once: no HTTP, no event loop traffic,
@@ -142,16 +153,6 @@ def engine_direct(path: Path, texts: list[str], new_tokens: int) -> dict[str, fl
     asyncio.run(run(texts[:half]))  # warm-up
     tokens, seconds, steps = asyncio.run(run(texts[half:]))
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "step_ms_p50": 1000 * statistics.median(steps)}
-
-
-def single_stream(path: Path, text: str, new_tokens: int) -> dict[str, float]:
-    """mlx-lm's stream_generate decode speed for one sequence."""
-    from mlx_lm import load, stream_generate
-
-    model, tokenizer = load(str(path))[:2]
-    for _ in range(2):  # the first run warms up
-        responses = list(stream_generate(model, tokenizer, text, max_tokens=new_tokens))
-    return {"decode_tokens_per_s": responses[-1].generation_tps}
 
 
 def free_port() -> int:
@@ -276,9 +277,9 @@ async def load_test(
     median = {k: statistics.median(row[k] for row in rows) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
     out = {"clients": clients, **median, "failed": sum(row["failed"] for row in rows), "rounds": rows}
     if beside:
-        out["raw_rounds"] = beside
-        out["raw_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in beside)
-        out["ratio_to_raw"] = statistics.median(
+        out["beside_rounds"] = beside
+        out["beside_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in beside)
+        out["ratio_to_beside"] = statistics.median(
             row["tokens_per_s"] / b["tokens_per_s"] for row, b in zip(rows, beside, strict=True)
         )
     return out
@@ -287,8 +288,9 @@ async def load_test(
 def serve_and_measure(
     which: str, path: Path, texts: list[str], counts: list[int], args: Any, workdir: Path, raw: RawLoop
 ) -> list[dict[str, Any]]:
-    """Each client count: warm-ups, then `--rounds` measured loads; at the largest count the raw loop runs before
-    each of them (same prompts count, fresh prompts), so the ratio compares runs minutes apart at most."""
+    """Each client count: warm-ups, then `--rounds` measured loads. Before each measured load the baseline runs
+    in this process: the raw loop at the largest count, `stream_generate` at one client; each round's ratio
+    compares runs seconds apart (the GPU machine's speed drifts by up to 40% over minutes)."""
     port = free_port()
     process = start_mlxpool(path, port, workdir, args.trace) if which == "mlxpool" else start_mlx_lm_server(path, port)
     model = "bench" if which == "mlxpool" else str(path)
@@ -296,7 +298,11 @@ def serve_and_measure(
     try:
         for n in counts:  # each load gets prompts no earlier load sent, unless --repeat-prompts
             batch = texts if args.repeat_prompts else texts[used:]
-            between = functools.partial(raw.run, texts[:n], args.new_tokens) if n == max(counts) else None
+            between = None
+            if n == max(counts):
+                between = functools.partial(raw.run, texts[:n], args.new_tokens)
+            elif n == 1:
+                between = functools.partial(raw.stream, texts[0], args.new_tokens)
             load = load_test(port, model, batch, n, args.new_tokens, args.warmups, args.rounds, between)
             results.append(asyncio.run(load))
             used += n * (args.warmups + args.rounds)
@@ -344,7 +350,8 @@ def main() -> None:
         raw.run(texts[:1], args.new_tokens)
         result["raw_batch_generator_1"] = raw.run(texts[:1], args.new_tokens)
         result["engine_direct"] = engine_direct(path, texts[: 2 * max(counts)], args.new_tokens)
-        result["stream_generate"] = single_stream(path, texts[0], args.new_tokens)
+        raw.stream(texts[0], args.new_tokens)  # warm-up
+        result["stream_generate"] = raw.stream(texts[0], args.new_tokens)
         result["mlxpool"] = serve_and_measure("mlxpool", path, texts, counts, args, workdir, raw)
         if not args.skip_mlx_lm_server:
             result["mlx_lm_server"] = serve_and_measure("mlx_lm.server", path, texts, counts, args, workdir, raw)
@@ -358,11 +365,12 @@ def print_table(result: dict[str, Any]) -> None:
     raw = result["raw_batch_generator"]["tokens_per_s"]
     print(f"\nraw BatchGenerator: {raw:.0f} tok/s ({result['raw_batch_generator_1']['tokens_per_s']:.0f} for one "
           "sequence); stream_generate single stream: "
-          f"{result['stream_generate']['decode_tokens_per_s']:.1f} tok/s; engine alone "
+          f"{result['stream_generate']['tokens_per_s']:.1f} tok/s; engine alone "
           f"{result['engine_direct']['tokens_per_s']:.0f} tok/s")  # fmt: skip
     for name in ("mlxpool", "mlx_lm_server"):
         for row in result.get(name, []):
-            ratio = f"  {row['ratio_to_raw']:.2f}x the raw loop beside" if "ratio_to_raw" in row else ""
+            beside = "the raw loop" if row["clients"] > 1 else "stream_generate"
+            ratio = f"  {row['ratio_to_beside']:.2f}x {beside} beside" if "ratio_to_beside" in row else ""
             print(f"{name:14s} clients {row['clients']:3d}: {row['tokens_per_s']:8.1f} tok/s  TTFT p50 "
                   f"{row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms  failed {row['failed']}"
                   + ratio)  # fmt: skip

@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--py-spy", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -33,8 +34,9 @@ def main() -> None:
         server = chat.start_mlxpool(path, port, workdir)
         try:
             asyncio.run(chat.load_test(port, "bench", texts, args.clients, 128, 1))
+            gil = ["--gil"] if args.gil else []
             spy = subprocess.Popen([args.py_spy, "record", "-p", str(server.pid), "-d", "12", "-r", "100", "-f", "raw",
-                                    "--threads", "--nonblocking", "-o", str(args.out)])  # fmt: skip
+                                    "--threads", "--nonblocking", *gil, "-o", str(args.out)])  # fmt: skip
             for _ in range(4):
                 print(asyncio.run(chat.load_test(port, "bench", texts, args.clients, 128, 0)))
             spy.wait(timeout=120)
