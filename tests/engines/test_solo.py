@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,47 @@ async def test_sequences_with_the_same_sampling_share_one_sampler(served: Served
     warm, also_warm, cold = (SamplingParams(16, temperature=t, top_p=0.9) for t in (0.7, 0.7, 0.2))
     assert chat._sampler(warm) is chat._sampler(also_warm)
     assert chat._sampler(warm) is not chat._sampler(cold)
+
+
+async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
+    serve: ServeFactory, tiny_chat: Path
+) -> None:
+    """Nine requests waiting at once with prefill_batch_size 4 join as 4 + 4 + 1, each group after the previous
+    one has read its prompts (given the backlog, mlx-lm would take 4, then 1, then 3: more prompt passes and KV
+    merges, and sequences finishing on steps of their own)."""
+    spec = {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prefill_batch_size": 4}
+    async with serve(make_settings({"small": spec})) as s:
+        await s.pool.load("small")
+        chat = engine(s, "small")
+        chat.decodes_alone = False
+        groups: dict[int, list[int]] = {}  # step -> how many were still reading at each insert in it
+        insert = chat._insert
+
+        def recording(sequence: Any, sampler: Any, processors: Any) -> int:
+            groups.setdefault(chat.steps, []).append(len(chat._reading))
+            return insert(sequence, sampler, processors)
+
+        chat._insert = recording  # type: ignore[method-assign]
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> Any:  # keeps the worker busy while all nine requests queue up
+            held.set()
+            release.wait(5)
+            return None
+            yield
+
+        holding = asyncio.ensure_future(s.pool.worker.run(hold()))
+        assert await asyncio.to_thread(held.wait, 5)
+        streams = [chat.generate(chat.tokenizer.encode(f"Story number {n}."), SamplingParams(6)) for n in range(9)]
+        firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
+        await asyncio.sleep(0.01)  # every stream has queued its sequence
+        release.set()
+        await holding
+        await asyncio.gather(*firsts)
+        for stream in streams:
+            async for _ in stream:
+                pass
+        sizes = [len(reading) for _, reading in sorted(groups.items())]
+        assert sizes == [4, 4, 1], groups
+        assert all(reading[0] == 0 for reading in groups.values()), groups  # nothing was still reading
+        assert not chat._reading

@@ -58,6 +58,8 @@ class ChatEngine:
         self.handoffs = 0
         self._incoming: deque[Sequence] = deque()
         self._active: dict[int, Sequence] = {}
+        self._reading: set[int] = set()
+        """Sequences in the batch generator still reading their prompt (mlx-lm's generator only)."""
         self._samplers: dict[tuple[float, float, float, int], Any] = {}
         self._outbox: list[tuple[Sequence, Delta]] = []
         """This step's deltas, posted to the loop together when it ends."""
@@ -168,13 +170,15 @@ class ChatEngine:
             [rest], max_tokens=[sequence.params.max_tokens], caches=[cache], all_tokens=[prompt[:cached]],
             samplers=[sampler], logits_processors=[processors],
         )  # fmt: skip
+        self._reading.add(int(uid))
         return int(uid)
 
     def _next(self) -> list[tuple[int, int, str | None, Any]]:
         """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
         if self._solo is not None:
             return self._solo_step()
-        _, responses = self.generator.next()
+        reading, responses = self.generator.next()
+        self._reading.difference_update(r.uid for r in reading if r.end_of_prompt)
         finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
         if self.prompt_cache is not None and finished:
             # Only as many as the cache keeps. A finished sequence's cache is a lazy slice of the whole batch's
@@ -208,6 +212,7 @@ class ChatEngine:
         self.cache_bytes = cached + self.generator.prompt_cache_nbytes + alone
 
     def _remove(self, uids: list[int]) -> None:
+        self._reading.difference_update(uids)
         if SOLO in uids:
             self._solo = None
             uids = [uid for uid in uids if uid != SOLO]
@@ -265,6 +270,7 @@ class ChatEngine:
             all_tokens=[state.cached_tokens], samplers=[solo.sampler], logits_processors=[solo.processors],
         )  # fmt: skip
         sequence.uid = uid
+        self._reading.add(int(uid))
         self._active[uid] = self._active.pop(SOLO)
 
     # --- sequences ---------------------------------------------------------------------------------------------
@@ -272,8 +278,15 @@ class ChatEngine:
     def _admit(self) -> None:
         from mlx_lm.sample_utils import make_logits_processors
 
+        # Newcomers join in groups of up to prefill_batch_size, each once the previous group has read its prompt:
+        # mlx-lm's generator fills its prompt batch only up to that size counting the sequences it is about to
+        # move on, so a larger backlog would join as 31 + 1 + 31 (three prompt passes, three KV merges, and the
+        # lone one finishing on its own step) instead of 32 + 32.
+        if self._reading:
+            return
+        room = self.spec.prefill_batch_size - (self._solo is not None)
         admitted = bool(self._incoming)
-        while self._incoming:
+        while self._incoming and room > 0:
             sequence = self._incoming.popleft()
             if sequence.cancelled:
                 continue
@@ -295,6 +308,7 @@ class ChatEngine:
                     sequence.uid = self._start_solo(sequence, sampler, processors)
                 else:
                     sequence.uid = self._insert(sequence, sampler, processors)
+                    room -= 1
             except Exception as exc:  # this request's input could not be read; the others go on
                 self._outbox.append((sequence, failure(sequence, exc)))
                 continue
