@@ -245,18 +245,25 @@ async def load_test(
 ) -> dict[str, Any]:
     """`warmups` unmeasured runs of `clients` concurrent streams, then `rounds` measured ones (medians reported);
     `between`, when given, runs before each measured round (the raw loop) and its results are kept beside."""
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=1200)
     batches = iter(texts[i * clients : (i + 1) * clients] for i in range(warmups + rounds))
     measured, beside = [], []
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout) as client:
-        # Warm-up: the same load, so kernels for the batch shapes it produces are compiled (GPU backends
-        # compile per new shape, and arrival timing decides which batch sizes occur).
-        for _ in range(warmups):
+
+    def session() -> aiohttp.ClientSession:
+        # A new one per load: while the raw loop runs beside (8 s on the CPU) the server closes idle keep-alive
+        # connections (uvicorn: after 5 s), and a request written on one of those fails at once.
+        connector = aiohttp.TCPConnector(limit=clients)
+        timeout = aiohttp.ClientTimeout(total=1200)
+        return aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout)
+
+    # Warm-up: the same load, so kernels for the batch shapes it produces are compiled (GPU backends compile per
+    # new shape, and arrival timing decides which batch sizes occur).
+    for _ in range(warmups):
+        async with session() as client:
             await asyncio.gather(*(one_stream(client, model, t, new_tokens) for t in next(batches)))
-        for _ in range(rounds):
-            if between is not None:
-                beside.append(between())
+    for _ in range(rounds):
+        if between is not None:
+            beside.append(between())
+        async with session() as client:
             batch, start = next(batches), time.perf_counter()
             results = await asyncio.gather(
                 *(one_stream(client, model, t, new_tokens) for t in batch), return_exceptions=True
@@ -265,16 +272,19 @@ async def load_test(
     rows: list[dict[str, Any]] = []
     for results, seconds in measured:
         done = [r for r in results if isinstance(r, tuple)]
+        errors = sorted({repr(r)[:200] for r in results if not isinstance(r, tuple)})
         ttfts = sorted(r[0] for r in done)
         rows.append({
             "tokens_per_s": sum(r[1] for r in done) / seconds,
             "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
             "failed": len(results) - len(done),
+            "errors": errors,
             "tokens_per_request": sorted({r[1] for r in done}),
             "seconds": seconds,
         })  # fmt: skip
-    median = {k: statistics.median(row[k] for row in rows) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
+    keys = ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")
+    median = {k: statistics.median(vs) if (vs := [r[k] for r in rows if r[k] is not None]) else None for k in keys}
     out = {"clients": clients, **median, "failed": sum(row["failed"] for row in rows), "rounds": rows}
     if beside:
         out["beside_rounds"] = beside
@@ -371,8 +381,9 @@ def print_table(result: dict[str, Any]) -> None:
         for row in result.get(name, []):
             beside = "the raw loop" if row["clients"] > 1 else "stream_generate"
             ratio = f"  {row['ratio_to_beside']:.2f}x {beside} beside" if "ratio_to_beside" in row else ""
-            print(f"{name:14s} clients {row['clients']:3d}: {row['tokens_per_s']:8.1f} tok/s  TTFT p50 "
-                  f"{row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms  failed {row['failed']}"
+            rate, p50, p99 = (row[k] or float("nan") for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms"))
+            print(f"{name:14s} clients {row['clients']:3d}: {rate:8.1f} tok/s  TTFT p50 "
+                  f"{p50:.0f} ms p99 {p99:.0f} ms  failed {row['failed']}"
                   + ratio)  # fmt: skip
 
 
