@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,16 @@ import mlx.core as mx
 
 from mlxpool.config import ModelSpec
 from mlxpool.worker import Task, Worker
+
+
+def slow_load(spec: ModelSpec, path: Path, worker: Worker) -> Task[Any]:
+    """The real loader after five 30 ms steps: long enough for a waiting stream to get `: loading` comments."""
+    from mlxpool.engines import load_engine
+
+    for _ in range(5):
+        time.sleep(0.03)
+        yield
+    return (yield from load_engine(spec, path, worker))
 
 
 class FakeTimer:

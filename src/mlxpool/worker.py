@@ -136,7 +136,7 @@ class Worker:
 
     def _run(self) -> None:
         self.baseline_memory = self.active_memory = mx.get_active_memory()
-        while item := self._next():
+        while (item := self._next()) is not None:
             try:
                 item.step()
             except Exception:

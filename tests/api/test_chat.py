@@ -15,6 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from mlxpool.demo import build_tiny_chat
 from mlxpool.engines.chat import ChatEngine, SamplingParams
 from tests.conftest import Served, ServeFactory, make_settings
+from tests.fakes import slow_load
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello!"}]
 
@@ -168,18 +169,7 @@ async def test_a_client_that_leaves_frees_its_batch_slot(served: Served) -> None
 async def test_a_stream_waiting_for_a_cold_model_gets_comment_lines(
     serve: ServeFactory, tiny_chat: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time
-
     from mlxpool.api import chat as chat_api
-    from mlxpool.config import ModelSpec
-    from mlxpool.engines import Engine, load_engine
-    from mlxpool.worker import Task, Worker
-
-    def slow_load(spec: ModelSpec, path: Path, worker: Worker) -> Task[Engine]:
-        for _ in range(5):
-            time.sleep(0.03)
-            yield
-        return (yield from load_engine(spec, path, worker))
 
     monkeypatch.setattr(chat_api, "COMMENT_INTERVAL", 0.02)
     settings = make_settings({"chat": {"kind": "chat", "path": str(tiny_chat)}})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from mlxpool.demo_audio import KITTEN_VOICE, build_tiny_kitten_tts
 from mlxpool.engines.tts import TtsEngine
 from tests.api.test_audio_io import decoded
 from tests.conftest import Served, ServeFactory, make_settings
+from tests.fakes import slow_load
 
 RATE = 24000
 # KittenTTS speaks an input of up to 400 characters as one chunk and a longer one a sentence per chunk: the
@@ -211,15 +211,6 @@ async def test_an_sse_stream_waiting_for_a_cold_model_gets_comments_then_errors_
     serve: ServeFactory, tiny_kitten: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlxpool.api import speech as speech_api
-    from mlxpool.config import ModelSpec
-    from mlxpool.engines import Engine, load_engine
-    from mlxpool.worker import Task, Worker
-
-    def slow_load(spec: ModelSpec, path: Path, worker: Worker) -> Task[Engine]:
-        for _ in range(5):
-            time.sleep(0.03)
-            yield
-        return (yield from load_engine(spec, path, worker))
 
     monkeypatch.setattr(speech_api, "COMMENT_INTERVAL", 0.02)
     settings = make_settings({"tts": {"kind": "tts", "path": str(tiny_kitten)}})

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mlxpool.demo import build_tiny_chat
-from mlxpool.engines.chat import ChatEngine, SamplingParams
+from mlxpool.engines.chat import ChatEngine, SamplingParams, shared_sampler
 from tests.conftest import Served, ServeFactory, make_settings
 
 LONG = "Tell me a long story about the sea, the wind, the ships and the people who sail them. " * 3
@@ -143,12 +143,10 @@ async def test_a_step_posts_all_its_deltas_to_the_loop_at_once(served: Served, m
     assert max(posts) > 1  # and the steps with several sequences posted them together
 
 
-async def test_sequences_with_the_same_sampling_share_one_sampler(served: Served) -> None:
+def test_sequences_with_the_same_sampling_share_one_sampler() -> None:
     """mlx-lm samples a batch in one call only when its rows share the sampler object."""
-    chat = engine(served, "batched")
-    warm, also_warm, cold = (SamplingParams(16, temperature=t, top_p=0.9) for t in (0.7, 0.7, 0.2))
-    assert chat._sampler(warm) is chat._sampler(also_warm)
-    assert chat._sampler(warm) is not chat._sampler(cold)
+    assert shared_sampler(0.7, 0.9, 0.0, 0) is shared_sampler(0.7, 0.9, 0.0, 0)
+    assert shared_sampler(0.7, 0.9, 0.0, 0) is not shared_sampler(0.2, 0.9, 0.0, 0)
 
 
 async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(

@@ -8,6 +8,7 @@ detokenized and checked for stop strings on the worker, and each step's new text
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -60,7 +61,6 @@ class ChatEngine:
         self._active: dict[int, Sequence] = {}
         self._reading: set[int] = set()
         """Sequences in the batch generator still reading their prompt (mlx-lm's generator only)."""
-        self._samplers: dict[tuple[float, float, float, int], Any] = {}
         self._outbox: list[tuple[Sequence, Delta]] = []
         """This step's deltas, posted to the loop together when it ends."""
         self.steps = 0
@@ -293,7 +293,7 @@ class ChatEngine:
             p = sequence.params
             if p.seed is not None:
                 mx.random.seed(p.seed)
-            sampler = self._sampler(p)
+            sampler = shared_sampler(p.temperature, p.top_p, p.min_p, p.top_k)
             processors = make_logits_processors(
                 repetition_penalty=p.repetition_penalty,
                 presence_penalty=p.presence_penalty,
@@ -315,18 +315,6 @@ class ChatEngine:
             self._active[sequence.uid] = sequence
         if admitted:
             self._count_cache()
-
-    def _sampler(self, p: SamplingParams) -> Any:
-        """One sampler per distinct setting: sequences that share it are sampled in one call per step (mlx-lm
-        samples row by row when the samplers of a batch differ)."""
-        from mlx_lm.sample_utils import make_sampler
-
-        key = (p.temperature, p.top_p, p.min_p, p.top_k)
-        if (sampler := self._samplers.get(key)) is None:
-            sampler = self._samplers[key] = make_sampler(
-                temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k
-            )
-        return sampler
 
     def _grammar_tokenizer(self) -> Any:
         if self._llg_tokenizer is None:
@@ -385,6 +373,15 @@ class ChatEngine:
             alternatives = tuple((self.tokenizer.decode([i]), v) for i, v in ranked)
         chosen: float = logprobs[token].item()  # type: ignore[assignment]
         return TokenLogprob(self.tokenizer.decode([token]), chosen, alternatives)
+
+
+@functools.lru_cache(maxsize=64)
+def shared_sampler(temperature: float, top_p: float, min_p: float, top_k: int) -> Any:
+    """One sampler per distinct setting: a batch whose rows share it is sampled in one call per step (mlx-lm
+    samples row by row when the samplers of a batch differ)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 def load_chat(spec: ModelSpec, path: Path, worker: Worker) -> Task[ChatEngine]:
