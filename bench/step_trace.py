@@ -34,15 +34,20 @@ def install(path: str) -> None:
     chat_step, generate = ChatEngine.step, ChatEngine.generate
     embedding_step, embed = EmbeddingEngine.step, EmbeddingEngine.embed
 
+    phases: dict[str, float] = {}
+    sync = bool(os.environ.get("MLXPOOL_STEP_TRACE_SYNC"))
+    _time_phases(phases, sync)
+
     def traced_chat_step(self: ChatEngine) -> None:
         incoming, start, tokens = len(self._incoming), clock(), self.generated_tokens
+        phases.clear()
         chat_step(self)
         g = self.generator
         RECORDS.append({
             "e": "chat_step", "t0": start, "t1": clock(), "incoming": incoming, "active": len(self._active),
             "decode": len(g._generation_batch), "prefill": len(g._prompt_batch),
             "waiting": len(g._unprocessed_sequences), "solo": self._solo is not None,
-            "tokens": self.generated_tokens - tokens,
+            "tokens": self.generated_tokens - tokens, "phases": {k: round(1000 * v, 3) for k, v in phases.items()},
         })  # fmt: skip
 
     async def traced_generate(self: ChatEngine, *args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
@@ -81,6 +86,37 @@ def install(path: str) -> None:
     atexit.register(write)
     # uvicorn raises the SIGTERM it caught again once it has shut down: exit normally then, so atexit runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def _time_phases(phases: dict[str, float], sync: bool) -> None:
+    """Time the parts of a chat step inside mlx-lm's batch generator (with `sync`, each waits for the GPU)."""
+    import mlx.core as mx
+    from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+
+    from mlxpool.engines.chat import ChatEngine
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if sync:
+                    mx.synchronize()
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    timed(GenerationBatch, "next", "decode")
+    timed(GenerationBatch, "extend", "join")
+    timed(GenerationBatch, "filter", "filter")
+    timed(PromptProcessingBatch, "prompt", "prefill")
+    timed(PromptProcessingBatch, "generate", "first_token")
+    timed(ChatEngine, "_admit", "admit")
+    timed(ChatEngine, "_count_cache", "count_cache")
+    timed(ChatEngine, "_deliver", "deliver")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -137,6 +173,11 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
                 f"{what}_ms_{q}": round(1000 * _pct([w[i] for w in waits], p), 2)
                 for i, what in enumerate(("wait", "forward", "total")) for q, p in (("p50", 0.5), ("p99", 0.99))
             }  # fmt: skip
+    longest = sorted(steps, key=lambda s: s["t0"] - s["t1"])[:15]
+    out["longest_chat_steps"] = [
+        {"ms": round(1000 * (s["t1"] - s["t0"]), 2)} | {k: s[k] for k in ("decode", "prefill", "waiting", "tokens")}
+        | {"phases": s.get("phases")} for s in longest
+    ]  # fmt: skip
     chat_ms = [1000 * (t1 - t0) for t0, t1 in chat_busy]
     if chat_ms:
         out["chat_step_ms_batch_over_8"] = {"p50": round(_pct(chat_ms, 0.5), 2), "p99": round(_pct(chat_ms, 0.99), 2)}

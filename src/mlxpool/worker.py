@@ -123,6 +123,11 @@ class Worker:
         value, _ = await self.run(task())
         return value
 
+    def others_waiting(self, item: Steppable) -> bool:
+        """Whether work other than `item`'s is waiting (asked from `item`'s step, to keep that step short)."""
+        with self._wake:
+            return any(other is not item and _runnable(other) for other in self._items)
+
     def _next(self) -> Job | Steppable | None:
         """The runnable item stepped least recently (it moves to the back), or None when stopping."""
         with self._wake:

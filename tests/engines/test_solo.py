@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mlxpool.demo import build_tiny_chat
-from mlxpool.engines.chat import ChatEngine, SamplingParams, shared_sampler
+from mlxpool.engines.chat import ChatEngine, SamplingParams
 from tests.conftest import Served, ServeFactory, make_settings
 
 LONG = "Tell me a long story about the sea, the wind, the ships and the people who sail them. " * 3
@@ -143,12 +143,6 @@ async def test_a_step_posts_all_its_deltas_to_the_loop_at_once(served: Served, m
     assert max(posts) > 1  # and the steps with several sequences posted them together
 
 
-def test_sequences_with_the_same_sampling_share_one_sampler() -> None:
-    """mlx-lm samples a batch in one call only when its rows share the sampler object."""
-    assert shared_sampler(0.7, 0.9, 0.0, 0) is shared_sampler(0.7, 0.9, 0.0, 0)
-    assert shared_sampler(0.7, 0.9, 0.0, 0) is not shared_sampler(0.2, 0.9, 0.0, 0)
-
-
 async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
     serve: ServeFactory, tiny_chat: Path
 ) -> None:
@@ -158,27 +152,58 @@ async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
     spec = {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prefill_batch_size": 4}
     async with serve(make_settings({"small": spec})) as s:
         await s.pool.load("small")
-        chat = engine(s, "small")
-        chat.decodes_alone = False
-        groups: dict[int, list[int]] = {}  # step -> how many were still reading at each insert in it
-        insert = chat._insert
+        assert await join_groups(s, engine(s, "small"), 9) == [4, 4, 1]
 
-        def recording(sequence: Any, sampler: Any, processors: Any) -> int:
-            groups.setdefault(chat.steps, []).append(len(chat._reading))
-            return insert(sequence, sampler, processors)
 
-        chat._insert = recording  # type: ignore[method-assign]
-        held, release = threading.Event(), threading.Event()
+async def test_while_other_work_waits_newcomers_join_in_smaller_groups(serve: ServeFactory, tiny_chat: Path) -> None:
+    """An admission step costs time in proportion to its group, and another model's work waits for all of it."""
+    spec = {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prefill_batch_size": 4,
+            "prefill_batch_size_contended": 2}  # fmt: skip
+    async with serve(make_settings({"small": spec})) as s:
+        await s.pool.load("small")
 
-        def hold() -> Any:  # keeps the worker busy while all nine requests queue up
-            held.set()
-            release.wait(5)
-            return None
-            yield
+        class Busy:  # another model with work waiting at every step
+            steps = 0
 
+            def has_work(self) -> bool:
+                return True
+
+            def step(self) -> None:
+                self.steps += 1
+
+        busy = Busy()
+        s.pool.worker.add_engine(busy)
+        try:
+            assert await join_groups(s, engine(s, "small"), 9) == [2, 2, 2, 2, 1]
+        finally:
+            s.pool.worker.remove_engine(busy)
+        assert busy.steps > 0
+        assert await join_groups(s, engine(s, "small"), 9) == [4, 4, 1]  # alone again: whole groups
+
+
+async def join_groups(s: Served, chat: ChatEngine, n: int) -> list[int]:
+    """The sizes of the groups in which `n` requests, all waiting at once, joined the batch."""
+    chat.decodes_alone = False
+    groups: dict[int, list[int]] = {}  # step -> how many were still reading at each insert in it
+    insert = chat._insert
+
+    def recording(sequence: Any, sampler: Any, processors: Any) -> int:
+        groups.setdefault(chat.steps, []).append(len(chat._reading))
+        return insert(sequence, sampler, processors)
+
+    chat._insert = recording  # type: ignore[method-assign]
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> Any:  # keeps the worker busy while all the requests queue up
+        held.set()
+        release.wait(5)
+        return None
+        yield
+
+    try:
         holding = asyncio.ensure_future(s.pool.worker.run(hold()))
         assert await asyncio.to_thread(held.wait, 5)
-        streams = [chat.generate(chat.tokenizer.encode(f"Story number {n}."), SamplingParams(6)) for n in range(9)]
+        streams = [chat.generate(chat.tokenizer.encode(f"Story number {i}."), SamplingParams(6)) for i in range(n)]
         firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
         await asyncio.sleep(0.01)  # every stream has queued its sequence
         release.set()
@@ -187,7 +212,8 @@ async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
         for stream in streams:
             async for _ in stream:
                 pass
-        sizes = [len(reading) for _, reading in sorted(groups.items())]
-        assert sizes == [4, 4, 1], groups
-        assert all(reading[0] == 0 for reading in groups.values()), groups  # nothing was still reading
-        assert not chat._reading
+    finally:
+        del chat._insert
+    assert all(reading[0] == 0 for reading in groups.values()), groups  # nothing was still reading
+    assert not chat._reading
+    return [len(reading) for _, reading in sorted(groups.items())]

@@ -8,7 +8,6 @@ detokenized and checked for stop strings on the worker, and each step's new text
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -18,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxpool.config import ModelSpec
+from mlxpool.engines.sampling import shared_sampler
 from mlxpool.engines.sequences import SOLO, Delta, SamplingParams, Sequence, TokenLogprob, failure, post
 from mlxpool.engines.solo import SoloDecoder
 from mlxpool.engines.structured import GrammarProcessor, llg_tokenizer
@@ -281,10 +281,15 @@ class ChatEngine:
         # Newcomers join in groups of up to prefill_batch_size, each once the previous group has read its prompt:
         # mlx-lm's generator fills its prompt batch only up to that size counting the sequences it is about to
         # move on, so a larger backlog would join as 31 + 1 + 31 (three prompt passes, three KV merges, and the
-        # lone one finishing on its own step) instead of 32 + 32.
+        # lone one finishing on its own step) instead of 32 + 32. While another model's work waits, groups are
+        # smaller: an admission step takes time in proportion to its group (cache fetches, KV merge, first token),
+        # and that work waits for all of it.
         if self._reading:
             return
-        room = self.spec.prefill_batch_size - (self._solo is not None)
+        room = self.spec.prefill_batch_size
+        if self._incoming and self.worker.others_waiting(self):
+            room = min(room, self.spec.prefill_batch_size_contended)
+        room = max(1, room - (self._solo is not None))
         admitted = bool(self._incoming)
         while self._incoming and room > 0:
             sequence = self._incoming.popleft()
@@ -373,15 +378,6 @@ class ChatEngine:
             alternatives = tuple((self.tokenizer.decode([i]), v) for i, v in ranked)
         chosen: float = logprobs[token].item()  # type: ignore[assignment]
         return TokenLogprob(self.tokenizer.decode([token]), chosen, alternatives)
-
-
-@functools.lru_cache(maxsize=64)
-def shared_sampler(temperature: float, top_p: float, min_p: float, top_k: int) -> Any:
-    """One sampler per distinct setting: a batch whose rows share it is sampled in one call per step (mlx-lm
-    samples row by row when the samplers of a batch differ)."""
-    from mlx_lm.sample_utils import make_sampler
-
-    return make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 def load_chat(spec: ModelSpec, path: Path, worker: Worker) -> Task[ChatEngine]:
