@@ -96,19 +96,3 @@ async def test_a_cancelled_waiter_does_not_break_the_worker(worker: Worker) -> N
     waiting.cancel()
     gate.set()
     assert await worker.call(lambda: 2) == 2
-
-
-async def test_another_engine_is_active_while_it_has_work_and_shortly_after(worker: Worker) -> None:
-    """What a chat step asks to keep itself short: is another model in use (its next request may come mid-step)?"""
-    chat, other = FakeEngine("chat", None), FakeEngine("other", None, pending=2)
-    worker.add_engine(chat)
-    assert not worker.others_active(chat)  # alone
-    worker.add_engine(other)
-    while other.pending:
-        await asyncio.sleep(0.001)
-    assert worker.others_active(chat, within=60)  # stepped just now
-    assert not worker.others_active(other, within=60)  # the chat engine has neither worked nor waited
-    await asyncio.sleep(0.05)
-    assert not worker.others_active(chat, within=0.02)
-    worker.remove_engine(other)
-    assert not worker.others_active(chat, within=60)

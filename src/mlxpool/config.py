@@ -194,10 +194,6 @@ class ModelSpec(BaseModel):
     """Embedding: most sequences in one forward pass. Chat: most sequences decoding together."""
     prefill_batch_size: int = Field(default=32, ge=1)
     """Chat: most new sequences whose prompts are read together (then join the running batch as one group)."""
-    prefill_batch_size_contended: int = Field(default=4, ge=1)
-    """Chat: the same while another model is in use (its work waiting, or stepped in the last second). A group's
-    admission step takes time in proportion to its size (cache fetches, KV merge, first token), and that model's
-    work, arriving during the step, waits for all of it."""
     prefill_step_size: int = Field(default=512, ge=16)
     """Chat: prompt tokens read per worker step, so a long prompt does not hold up other work."""
     max_tokens: int = Field(default=2048, ge=1)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import threading
-import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol, TypeVar
 
@@ -76,8 +74,6 @@ class Worker:
         self._wake = threading.Condition()
         self._items: list[Job | Steppable] = []
         """Jobs and engines, least recently stepped first."""
-        self._stepped: dict[int, float] = {}
-        """When each item's last step ended (monotonic seconds), by `id`."""
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self.active_memory = 0
@@ -108,7 +104,6 @@ class Worker:
     def remove_engine(self, engine: Steppable) -> None:
         with self._wake:
             self._items.remove(engine)
-            self._stepped.pop(id(engine), None)
 
     async def run(self, task: Task[T]) -> tuple[T, int]:
         """Run a generator task step by step on the worker; returns its value and the bytes it allocated."""
@@ -127,16 +122,6 @@ class Worker:
 
         value, _ = await self.run(task())
         return value
-
-    def others_active(self, item: Steppable, within: float = 1.0) -> bool:
-        """Whether another item has work waiting or was stepped in the last `within` seconds. Asked from `item`'s
-        step, to keep it short: another model in use may send work at any moment, and that work would wait for it."""
-        now = time.monotonic()
-        with self._wake:
-            return any(
-                other is not item and (_runnable(other) or now - self._stepped.get(id(other), -math.inf) < within)
-                for other in self._items
-            )
 
     def _next(self) -> Job | Steppable | None:
         """The runnable item stepped least recently (it moves to the back), or None when stopping."""
@@ -157,12 +142,9 @@ class Worker:
             except Exception:
                 log.exception("worker step failed in %r", item)
             self.steps += 1
-            with self._wake:
-                if isinstance(item, Job) and item.done:
+            if isinstance(item, Job) and item.done:
+                with self._wake:
                     self._items.remove(item)
-                    self._stepped.pop(id(item), None)
-                else:
-                    self._stepped[id(item)] = time.monotonic()
             self.active_memory = mx.get_active_memory()
 
 

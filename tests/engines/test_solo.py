@@ -155,32 +155,6 @@ async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
         assert await join_groups(s, engine(s, "small"), 9) == [4, 4, 1]
 
 
-async def test_while_other_work_waits_newcomers_join_in_smaller_groups(serve: ServeFactory, tiny_chat: Path) -> None:
-    """An admission step costs time in proportion to its group, and another model's work waits for all of it."""
-    spec = {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prefill_batch_size": 4,
-            "prefill_batch_size_contended": 2}  # fmt: skip
-    async with serve(make_settings({"small": spec})) as s:
-        await s.pool.load("small")
-
-        class Busy:  # another model with work waiting at every step
-            steps = 0
-
-            def has_work(self) -> bool:
-                return True
-
-            def step(self) -> None:
-                self.steps += 1
-
-        busy = Busy()
-        s.pool.worker.add_engine(busy)
-        try:
-            assert await join_groups(s, engine(s, "small"), 9) == [2, 2, 2, 2, 1]
-        finally:
-            s.pool.worker.remove_engine(busy)
-        assert busy.steps > 0
-        assert await join_groups(s, engine(s, "small"), 9) == [4, 4, 1]  # alone again: whole groups
-
-
 async def join_groups(s: Served, chat: ChatEngine, n: int) -> list[int]:
     """The sizes of the groups in which `n` requests, all waiting at once, joined the batch."""
     chat.decodes_alone = False

@@ -281,15 +281,10 @@ class ChatEngine:
         # Newcomers join in groups of up to prefill_batch_size, each once the previous group has read its prompt:
         # mlx-lm's generator fills its prompt batch only up to that size counting the sequences it is about to
         # move on, so a larger backlog would join as 31 + 1 + 31 (three prompt passes, three KV merges, and the
-        # lone one finishing on its own step) instead of 32 + 32. While another model is in use, groups are smaller:
-        # an admission step takes time in proportion to its group (cache fetches, KV merge, first token), and that
-        # model's work, arriving during the step, waits for all of it.
+        # lone one finishing on its own step) instead of 32 + 32.
         if self._reading:
             return
-        room = self.spec.prefill_batch_size
-        if self._incoming and self.worker.others_active(self):
-            room = min(room, self.spec.prefill_batch_size_contended)
-        room = max(1, room - (self._solo is not None))
+        room = self.spec.prefill_batch_size - (self._solo is not None)
         admitted = bool(self._incoming)
         while self._incoming and room > 0:
             sequence = self._incoming.popleft()
