@@ -63,7 +63,7 @@ def main() -> None:
         token = mx.zeros((b, 1), mx.int32)
         rows["decode"].append({"batch": b, **first_and_again(lambda t=token, c=cache: model(t, cache=c))})
     for t in (0.3, 0.5, 0.9):  # the same batch, a temperature not seen before
-        for name, sampler in (("mlx_lm", make_sampler(temp=t)), ("mlxpool", Sampler(t))):
+        for name, sampler in (("mlx_lm", make_sampler(temp=t, top_p=0.9)), ("mlxpool", Sampler(t, top_p=0.9))):
             again = first_and_again(lambda s=sampler: s(warm))
             rows.setdefault(f"{name}_sampler_new_temperature", []).append({"temperature": t, **again})
     for n in lengths:

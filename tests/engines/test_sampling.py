@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import pytest
 
+from mlxpool.engines import sampling
 from mlxpool.engines.sampling import Sampler, shared_sampler
 
 
@@ -89,3 +90,16 @@ def test_sequences_with_the_same_sampling_share_one_sampler() -> None:
     """mlx-lm samples a batch in one call only when its rows share the sampler object."""
     assert shared_sampler(0.7, 0.9, 0.0, 0) is shared_sampler(0.7, 0.9, 0.0, 0)
     assert shared_sampler(0.7, 0.9, 0.0, 0) is not shared_sampler(0.2, 0.9, 0.0, 0)
+
+
+def test_a_new_setting_reuses_the_compiled_graph() -> None:
+    """A new temperature, top-p or min-p must not trace (and so compile) the graph again: on CUDA that stalls every
+    model for seconds. A batch shape not seen before may."""
+    logprobs = logprobs_of(PROBS * 3)
+    Sampler(0.8, top_p=0.9, min_p=0.05)(logprobs)
+    before = sampling.traces
+    for temperature, top_p, min_p in ((0.3, 0.5, 0.01), (1.3, 0.95, 0.2), (0.71, 0.8, 0.1)):
+        Sampler(temperature, top_p=top_p, min_p=min_p)(logprobs).tolist()
+    assert sampling.traces == before
+    Sampler(0.8, top_p=0.9, min_p=0.05)(logprobs_of(PROBS * 5)).tolist()
+    assert sampling.traces == before + 1  # the counter does count traces
