@@ -152,32 +152,27 @@ async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
     spec = {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prefill_batch_size": 4}
     async with serve(make_settings({"small": spec})) as s:
         await s.pool.load("small")
-        assert await join_groups(s, engine(s, "small"), 9) == [4, 4, 1]
+        chat = engine(s, "small")
+        chat.decodes_alone = False
+        groups: dict[int, list[int]] = {}  # step -> how many were still reading at each insert in it
+        insert = chat._insert
 
+        def recording(sequence: Any, sampler: Any, processors: Any) -> int:
+            groups.setdefault(chat.steps, []).append(len(chat._reading))
+            return insert(sequence, sampler, processors)
 
-async def join_groups(s: Served, chat: ChatEngine, n: int) -> list[int]:
-    """The sizes of the groups in which `n` requests, all waiting at once, joined the batch."""
-    chat.decodes_alone = False
-    groups: dict[int, list[int]] = {}  # step -> how many were still reading at each insert in it
-    insert = chat._insert
+        chat._insert = recording  # type: ignore[method-assign]
+        held, release = threading.Event(), threading.Event()
 
-    def recording(sequence: Any, sampler: Any, processors: Any) -> int:
-        groups.setdefault(chat.steps, []).append(len(chat._reading))
-        return insert(sequence, sampler, processors)
+        def hold() -> Any:  # keeps the worker busy while all nine requests queue up
+            held.set()
+            release.wait(5)
+            return None
+            yield
 
-    chat._insert = recording  # type: ignore[method-assign]
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> Any:  # keeps the worker busy while all the requests queue up
-        held.set()
-        release.wait(5)
-        return None
-        yield
-
-    try:
         holding = asyncio.ensure_future(s.pool.worker.run(hold()))
         assert await asyncio.to_thread(held.wait, 5)
-        streams = [chat.generate(chat.tokenizer.encode(f"Story number {i}."), SamplingParams(6)) for i in range(n)]
+        streams = [chat.generate(chat.tokenizer.encode(f"Story number {n}."), SamplingParams(6)) for n in range(9)]
         firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
         await asyncio.sleep(0.01)  # every stream has queued its sequence
         release.set()
@@ -186,8 +181,7 @@ async def join_groups(s: Served, chat: ChatEngine, n: int) -> list[int]:
         for stream in streams:
             async for _ in stream:
                 pass
-    finally:
-        del chat._insert
-    assert all(reading[0] == 0 for reading in groups.values()), groups  # nothing was still reading
-    assert not chat._reading
-    return [len(reading) for _, reading in sorted(groups.items())]
+        sizes = [len(reading) for _, reading in sorted(groups.items())]
+        assert sizes == [4, 4, 1], groups
+        assert all(reading[0] == 0 for reading in groups.values()), groups  # nothing was still reading
+        assert not chat._reading
