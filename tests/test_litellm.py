@@ -11,13 +11,11 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import yaml
@@ -27,7 +25,7 @@ from mlxpool.cli import main
 from mlxpool.config import Settings, settings_from_dict
 from mlxpool.demo import demo_config
 from tests.api.test_audio_io import tone, write
-from tests.test_server import free_ports
+from tests.test_server import free_ports, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,20 +118,6 @@ def start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subp
         return subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    """Until `url` answers 200; the process's output in the message if it exits or never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{log.stem} exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not up in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`mlxpool serve --demo` and a LiteLLM proxy configured by `litellm.render` in front of it."""
@@ -149,14 +133,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     server = start([sys.executable, "-m", "mlxpool", "serve", "--demo"], env, root, root / "mlxpool.out")
     processes = [server]
     try:
-        wait_up(f"http://127.0.0.1:{mlxpool_port}/health/ready", server, root / "mlxpool.out")
+        wait_ready(f"http://127.0.0.1:{mlxpool_port}", server, 180, log=root / "mlxpool.out")
         demo = settings_from_dict(demo_config(root / "cache" / "demo"), root / "demo.toml", {})
         (root / "litellm.yaml").write_text(litellm.render(demo, [f"http://127.0.0.1:{mlxpool_port}"]))
         key = "sk-" + secrets.token_hex(24)  # LiteLLM refuses to start without a master key
         proxy_env = {**os.environ, "LITELLM_MASTER_KEY": key, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
         command = [program, "--config", str(root / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(proxy_port)]
         processes.append(start(command, proxy_env, root, root / "litellm.out"))
-        wait_up(f"http://127.0.0.1:{proxy_port}/health/liveliness", processes[1], root / "litellm.out")
+        wait_ready(f"http://127.0.0.1:{proxy_port}", processes[1], 180, "/health/liveliness", root / "litellm.out")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy_port}/v1", api_key=key, max_retries=0)
         yield Stack(client, root / "logs" / "server.log")
     finally:

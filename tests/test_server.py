@@ -45,17 +45,27 @@ class Running:
         return subprocess.run(command, capture_output=True, text=True, timeout=60, env=self.env)
 
 
-def wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 90) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen[Any], timeout: float = 90, path: str = "/health/ready", log: Path | None = None
+) -> None:
+    """Until `url` + `path` answers 200. If the process exits first, or never answers, the message carries its
+    output: `log` (where it writes) or, once it has exited, its stderr pipe."""
+
+    def output() -> str:
+        if log is not None:
+            return log.read_text()[-3000:]
+        return str(process.stderr.read()) if process.stderr and process.poll() is not None else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read() if process.stderr else "server exited"
+        assert process.poll() is None, f"server exited:\n{output()}"
         try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise AssertionError(f"{url} not ready in {timeout} s")
+    raise AssertionError(f"{url}{path} not ready in {timeout} s:\n{output()}")
 
 
 @pytest.fixture(scope="module")
