@@ -119,8 +119,7 @@ class ServerSettings(BaseModel):
     max_pdf_pages: int = Field(default=50, ge=1)
     """OCR: most pages read from one PDF; longer documents get 400."""
 
-    _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes")(_check_size)
-    _log_size = field_validator("log_max_bytes")(_check_size)
+    _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
 
     @field_validator("api_keys")
     @classmethod

@@ -320,3 +320,12 @@ def test_real_models_transcribe_and_correct_espeak_speech(real_models: Path, tmp
     corrected = (folder / "done" / "speech_corrected.md").read_text()
     assert header_of(corrected)["corrected_by"] == "smol"
     assert corrected.split("---\n", 2)[2].strip(), corrected
+
+
+def test_a_folder_that_cannot_be_made_is_an_error_message(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    env = {**os.environ, "MLXPOOL_LOGS_DIR": str(tmp_path / "logs")}
+    command = [sys.executable, "-m", "mlxpool", "watch", str(tmp_path / "a-file" / "inbox"), "--once"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    assert done.stderr.startswith("mlxpool watch: cannot use ") and "Traceback" not in done.stderr

@@ -33,9 +33,11 @@ def test_srt_reads_back_with_an_independent_parser() -> None:
         Segment(start=0.0, end=1.5, text=" Hello."),
         Segment(start=1.5, end=1.5, text="  "),  # nothing said: no cue
         Segment(start=3661.25, end=3600.0, text="Late."),  # an end before the start moves up to it
+        Segment(start=3700.0, end=3701.0, text="A corrected\n\nline --> two"),  # as an LLM may send it back
     ]
     cues = list(srt.parse(outputs.srt(segments)))
     assert [(c.index, c.start, c.end, c.content) for c in cues] == [
         (1, timedelta(0), timedelta(seconds=1.5), "Hello."),
         (2, timedelta(seconds=3661.25), timedelta(seconds=3661.25), "Late."),
+        (3, timedelta(seconds=3700), timedelta(seconds=3701), "A corrected\nline -> two"),
     ]

@@ -144,10 +144,11 @@ async def _stream(
                     yield _sse(chunk)
                 offset += sum(len(e.token) for e in delta.logprobs)
                 last = delta
-        count_tokens(request, shape.model, _usage(len(tokens.ids), last))
-        request.state.tokens = _usage(len(tokens.ids), last)["total_tokens"]
+        usage = _usage(len(tokens.ids), last)
+        count_tokens(request, shape.model, usage)
+        request.state.tokens = usage["total_tokens"]
         if include_usage:
-            yield _sse(shape.usage_chunk(_usage(len(tokens.ids), last)))
+            yield _sse(shape.usage_chunk(usage))
     except MlxpoolError as exc:  # the 200 is already sent: report the error in the stream, as OpenAI does
         yield _sse(error_body(exc.message, exc.type, exc.param, exc.code))
     yield b"data: [DONE]\n\n"

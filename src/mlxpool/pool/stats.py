@@ -28,10 +28,6 @@ class Durations:
         self.counts[bisect.bisect_left(DURATION_BOUNDS, seconds)] += 1
         self.total += seconds
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
 
 @dataclass
 class ModelStats:

@@ -99,7 +99,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     _log_to_file_or_exit()
     options = _options_or_exit(args)
     folder = Path(args.folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"mlxpool watch: cannot use {folder}: {exc}", file=sys.stderr)
+        return 1
     tick = max(0.05, min(0.5, args.settle / 2))
     settings = WatchSettings(folder, settle=args.settle, tick=tick, poll=args.poll, once=args.once)
     client = ServerClient(args.url, retries=args.retries, timeout=args.timeout, api_key=args.api_key)

@@ -7,6 +7,8 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 
+from mlxpool.api.transcripts import to_srt
+from mlxpool.engines import transcript
 from mlxpool.watch.pipeline import Segment, Transcription
 
 _PLAIN = re.compile(r"[\w./+-](?:[\w./+()-]|:(?=\S)| (?=[^#\s]))*")
@@ -45,16 +47,6 @@ def front_matter(fields: dict[str, str]) -> str:
 
 
 def srt(segments: Sequence[Segment]) -> str:
-    """SubRip cues, numbered from 1; segments without text are left out."""
-    cues = [s for s in segments if s.text.strip()]
-    return "".join(
-        f"{n}\n{_timestamp(s.start)} --> {_timestamp(max(s.end, s.start))}\n{s.text.strip()}\n\n"
-        for n, s in enumerate(cues, start=1)
-    )
-
-
-def _timestamp(seconds: float) -> str:
-    millis = round(max(seconds, 0.0) * 1000)
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    return f"{hours:02d}:{minutes:02d}:{millis // 1000:02d},{millis % 1000:03d}"
+    """SubRip cues, as the server writes them (`response_format=srt`): numbered from 1, segments without text
+    left out, and text that came back from the LLM kept from breaking a cue (no blank lines, no `-->`)."""
+    return to_srt([transcript.Segment(s.start, s.end, s.text) for s in segments])
