@@ -45,8 +45,8 @@ def install(path: str) -> None:
         g = self.generator
         RECORDS.append({
             "e": "chat_step", "t0": start, "t1": clock(), "incoming": incoming, "active": len(self._active),
-            "decode": len(g._generation_batch), "prefill": len(g._prompt_batch),
-            "waiting": len(g._unprocessed_sequences), "solo": self._solo is not None,
+            "decode": len(g.running), "prefill": len(g.group.rows), "waiting": len(g.waiting),
+            "solo": self._solo is not None,
             "tokens": self.generated_tokens - tokens, "phases": {k: round(1000 * v, 3) for k, v in phases.items()},
         })  # fmt: skip
 
@@ -89,10 +89,11 @@ def install(path: str) -> None:
 
 
 def _time_phases(phases: dict[str, float], sync: bool) -> None:
-    """Time the parts of a chat step inside mlx-lm's batch generator (with `sync`, each waits for the GPU)."""
+    """Time the parts of a chat step inside the batch (with `sync`, each waits for the GPU)."""
     import mlx.core as mx
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 
+    from mlxpool.engines.batching import ContinuousBatch
     from mlxpool.engines.chat import ChatEngine
 
     def timed(owner: Any, name: str, label: str) -> None:
@@ -114,6 +115,7 @@ def _time_phases(phases: dict[str, float], sync: bool) -> None:
     timed(GenerationBatch, "filter", "filter")
     timed(PromptProcessingBatch, "prompt", "prefill")
     timed(PromptProcessingBatch, "generate", "first_token")
+    timed(ContinuousBatch, "_merge", "merge")
     timed(ChatEngine, "_admit", "admit")
     timed(ChatEngine, "_count_cache", "count_cache")
     timed(ChatEngine, "_deliver", "deliver")

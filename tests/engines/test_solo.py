@@ -118,7 +118,7 @@ async def test_the_batch_reads_new_prompts_in_groups_of_prefill_batch_size(
     async with serve(make_settings({"default": spec, "wide": {**spec, "prefill_batch_size": 48}})) as s:
         for name, size in (("default", 32), ("wide", 48)):
             await s.pool.load(name)
-            assert engine(s, name).generator.prefill_batch_size == size
+            assert engine(s, name).generator.group_size == size
 
 
 async def test_a_step_posts_all_its_deltas_to_the_loop_at_once(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:

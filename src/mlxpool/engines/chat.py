@@ -1,8 +1,8 @@
 """Text generation over mlx-lm with continuous batching.
 
-Requests join and leave one shared `BatchGenerator`; each worker step is one `next()` of it: a decode step for
-every sequence in flight plus one bounded prefill chunk for those still reading their prompt. Text is
-detokenized and checked for stop strings on the worker, and each step's new text goes to the request's queue.
+Requests join and leave one shared batch (engines/batching.py); each worker step is one `next()` of it: a decode
+step for every sequence in flight, or one bounded piece of admitting newcomers. Text is detokenized and checked
+for stop strings on the worker, and each step's new text goes to the request's queue.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 import mlx.core as mx
 
 from mlxpool.config import ModelSpec
+from mlxpool.engines.batching import ContinuousBatch
+from mlxpool.engines.kv import PromptCache
 from mlxpool.engines.sampling import shared_sampler
 from mlxpool.engines.sequences import SOLO, Delta, SamplingParams, Sequence, TokenLogprob, failure, post
 from mlxpool.engines.solo import SoloDecoder
@@ -29,7 +31,7 @@ from mlxpool.worker import Task, Worker
 class ChatEngine:
     """mlx-lm text models. Subclasses swap the batch generator (`_make_generator`, `_insert`, `_next`, `_remove`).
 
-    Finished sequences leave their KV cache in an LRU prompt cache (mlx-lm's), keyed by their tokens; a new
+    Finished sequences leave their KV cache in an LRU prompt cache (engines/kv.py), keyed by their tokens; a new
     prompt that shares a prefix with one (the next turn of a conversation) starts from it.
     """
 
@@ -49,9 +51,7 @@ class ChatEngine:
         self.generator: Any = self._make_generator()
         self.prompt_cache: Any = None
         if self.reuses_prompts and spec.prompt_cache_size > 0:
-            from mlx_lm.models.cache import LRUPromptCache
-
-            self.prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_size)
+            self.prompt_cache = PromptCache(max_size=spec.prompt_cache_size)
         self._solo: SoloDecoder | None = None
         self.cache_bytes = 0
         self.cached_tokens = 0
@@ -60,7 +60,7 @@ class ChatEngine:
         self._incoming: deque[Sequence] = deque()
         self._active: dict[int, Sequence] = {}
         self._reading: set[int] = set()
-        """Sequences in the batch generator still reading their prompt (mlx-lm's generator only)."""
+        """Sequences in the batch still reading their prompt."""
         self._outbox: list[tuple[Sequence, Delta]] = []
         """This step's deltas, posted to the loop together when it ends."""
         self.steps = 0
@@ -148,16 +148,14 @@ class ChatEngine:
         self._count_cache()
         mx.clear_cache()
 
-    # --- the batch generator (mlx-lm's here) -----------------------------------------------------------------
+    # --- the batch ---------------------------------------------------------------------------------------------
 
     def _make_generator(self) -> Any:
-        from mlx_lm.generate import BatchGenerator
-
-        return BatchGenerator(
+        return ContinuousBatch(
             self.model,
-            stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
-            completion_batch_size=self.spec.max_batch_size,
-            prefill_batch_size=self.spec.prefill_batch_size,
+            stop_tokens=sorted(self.tokenizer.eos_token_ids),
+            max_batch_size=self.spec.max_batch_size,
+            group_size=self.spec.prefill_batch_size,
             prefill_step_size=self.spec.prefill_step_size,
         )
 
@@ -166,19 +164,16 @@ class ChatEngine:
         cache, rest = self._cached_prefix(prompt)
         cached = sequence.cached_tokens = len(prompt) - len(rest)
         self.cached_tokens += cached
-        (uid,) = self.generator.insert(
-            [rest], max_tokens=[sequence.params.max_tokens], caches=[cache], all_tokens=[prompt[:cached]],
-            samplers=[sampler], logits_processors=[processors],
-        )  # fmt: skip
-        self._reading.add(int(uid))
-        return int(uid)
+        uid: int = self.generator.insert(rest, cache, prompt[:cached], sampler, processors, sequence.params.max_tokens)
+        self._reading.add(uid)
+        return uid
 
     def _next(self) -> list[tuple[int, int, str | None, Any]]:
         """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
         if self._solo is not None:
             return self._solo_step()
-        reading, responses = self.generator.next()
-        self._reading.difference_update(r.uid for r in reading if r.end_of_prompt)
+        joined, responses = self.generator.next()
+        self._reading.difference_update(joined)
         finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
         if self.prompt_cache is not None and finished:
             # Only as many as the cache keeps. A finished sequence's cache is a lazy slice of the whole batch's
@@ -209,7 +204,7 @@ class ChatEngine:
             return
         cached = self.prompt_cache.nbytes if self.prompt_cache is not None else 0
         alone = self._solo.nbytes if self._solo is not None else 0
-        self.cache_bytes = cached + self.generator.prompt_cache_nbytes + alone
+        self.cache_bytes = cached + self.generator.nbytes + alone
 
     def _remove(self, uids: list[int]) -> None:
         self._reading.difference_update(uids)
@@ -265,12 +260,12 @@ class ChatEngine:
             self._deliver(sequence, token, self._finish_of(token, solo), logprobs)
         if SOLO not in self._active:  # that token ended it
             return
-        (uid,) = self.generator.insert(
-            [state.to_read], max_tokens=[solo.max_tokens - len(solo.tokens)], caches=[state.cache],
-            all_tokens=[state.cached_tokens], samplers=[solo.sampler], logits_processors=[solo.processors],
+        uid = self.generator.insert(
+            state.to_read, state.cache, state.cached_tokens, solo.sampler, solo.processors,
+            solo.max_tokens - len(solo.tokens),
         )  # fmt: skip
         sequence.uid = uid
-        self._reading.add(int(uid))
+        self._reading.add(uid)
         self._active[uid] = self._active.pop(SOLO)
 
     # --- sequences ---------------------------------------------------------------------------------------------
@@ -278,10 +273,8 @@ class ChatEngine:
     def _admit(self) -> None:
         from mlx_lm.sample_utils import make_logits_processors
 
-        # Newcomers join in groups of up to prefill_batch_size, each once the previous group has read its prompt:
-        # mlx-lm's generator fills its prompt batch only up to that size counting the sequences it is about to
-        # move on, so a larger backlog would join as 31 + 1 + 31 (three prompt passes, three KV merges, and the
-        # lone one finishing on its own step) instead of 32 + 32.
+        # Newcomers join in groups of up to prefill_batch_size, each once the previous group has read its prompt,
+        # so a backlog joins as 32 + 32 (two prompt passes, two merges into the running batch).
         if self._reading:
             return
         room = self.spec.prefill_batch_size - (self._solo is not None)

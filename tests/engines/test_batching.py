@@ -1,0 +1,179 @@
+"""The continuous batch on the tiny Qwen3: greedy answers are exactly what mlx-lm gives each prompt alone, however
+the sequences join, leave, or come from the prompt cache; and admission goes a bounded piece per step."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import PromptProcessingBatch, generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlxpool.demo import build_tiny_chat
+from mlxpool.engines import batching
+from mlxpool.engines.batching import ContinuousBatch
+from mlxpool.engines.kv import PromptCache
+from mlxpool.engines.sampling import Sampler
+
+GREEDY = Sampler(0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    model, tokenizer = load(str(build_tiny_chat(tmp_path_factory.mktemp("batching") / "qwen3")))[:2]
+    return model, tokenizer
+
+
+def alone(model: Any, prompt: list[int], n: int) -> list[int]:
+    """mlx-lm's own greedy decode of one prompt: the reference."""
+    steps = generate_step(mx.array(prompt), model, max_tokens=n, sampler=lambda x: mx.argmax(x, axis=-1))
+    return [int(token) for token, _ in steps]
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 200) for _ in range(rng.randrange(3, 60))] for _ in range(count)]
+
+
+def run(batch: ContinuousBatch, limit: int = 2000) -> dict[int, list[int]]:
+    """Step until every sequence has finished; each uid's tokens."""
+    out: dict[int, list[int]] = {}
+    for _ in range(limit):
+        if not len(batch):
+            return out
+        for r in batch.next()[1]:
+            out.setdefault(r.uid, []).append(r.token)
+    raise AssertionError("the batch did not finish")
+
+
+def make_batch(model: Any, **kwargs: Any) -> ContinuousBatch:
+    options = {"max_batch_size": 8, "group_size": 4, "prefill_step_size": 32} | kwargs
+    return ContinuousBatch(model, stop_tokens=[], **options)
+
+
+def test_answers_are_what_each_prompt_gets_alone(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    batch = make_batch(model)
+    cases = prompts(11, seed=1)
+    uids = [batch.insert(p, None, [], GREEDY, [], 6 + i) for i, p in enumerate(cases)]
+    out = run(batch)
+    for uid, prompt, n in zip(uids, cases, range(6, 17), strict=True):
+        assert out[uid] == alone(model, prompt, n)
+
+
+def test_newcomers_join_while_others_decode_and_leavers_do_not_disturb_them(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    batch = make_batch(model)
+    first, later = prompts(5, seed=2), prompts(6, seed=3)
+    uids = {batch.insert(p, None, [], GREEDY, [], 20): p for p in first}
+    out: dict[int, list[int]] = {}
+    gone = list(uids)[1]
+    for step in range(400):
+        if step == 7:
+            uids |= {batch.insert(p, None, [], GREEDY, [], 12): p for p in later}
+        if step == 9:
+            batch.remove([gone, *[u for u in uids if u not in out][-1:]])  # one decoding, one still waiting
+        for r in batch.next()[1]:
+            out.setdefault(r.uid, []).append(r.token)
+        if not len(batch):
+            break
+    removed = {gone, max(uids)}
+    assert not set(out) & {max(uids)}
+    for uid, prompt in uids.items():
+        if uid not in removed:
+            assert out[uid] == alone(model, prompt, len(out[uid])), uid
+            assert len(out[uid]) == (20 if prompt in first else 12)
+
+
+def test_cached_prefixes_answer_the_same_and_leave_the_cache_as_it_was(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    cache = PromptCache(max_size=4)
+    base = prompts(1, seed=4)[0] + prompts(1, seed=5)[0]
+    entry = make_prompt_cache(model)
+    mx.eval(model(mx.array([base]), cache=entry))
+    cache.insert_cache("m", base, entry)
+    before = [mx.array(layer.keys) for layer in entry]
+    batch = make_batch(model)
+    cases = [[*base[:10], 7, 8, 9], [*base, 5, 6], base[:30], list(base)]  # longer, shorter, longer, exact
+    uids = []
+    for prompt in cases:
+        kv, rest = cache.fetch_nearest_cache("m", prompt)
+        assert kv is not None
+        if not rest:  # all of it cached: read the last token again, as the chat engine does
+            for layer in kv:
+                layer.trim(1)
+            rest = prompt[-1:]
+        assert len(rest) < len(prompt)
+        uids.append(batch.insert(rest, kv, prompt[: len(prompt) - len(rest)], GREEDY, [], 8))
+    out = run(batch)
+    for uid, prompt in zip(uids, cases, strict=True):
+        assert out[uid] == alone(model, prompt, 8)
+    for layer, keys in zip(entry, before, strict=True):
+        assert mx.array_equal(layer.keys, keys)
+
+
+def test_a_fetched_prefix_written_to_alone_leaves_the_entry_alone(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    cache = PromptCache(max_size=2)
+    tokens = prompts(1, seed=6)[0]
+    entry = make_prompt_cache(model)
+    mx.eval(model(mx.array([tokens]), cache=entry))
+    cache.insert_cache("m", tokens, entry)
+    before = [(mx.array(layer.keys), layer.offset) for layer in entry]
+    kv, rest = cache.fetch_nearest_cache("m", [*tokens[:-2], 1])  # a longer entry, trimmed to the shared part
+    assert kv is not None and rest == [1] and all(layer.offset == len(tokens) - 2 for layer in kv)
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=kv))  # as a sequence decoding alone writes to its cache
+    for layer, (keys, offset) in zip(entry, before, strict=True):
+        assert layer.offset == offset and mx.array_equal(layer.keys, keys)
+
+
+def test_admission_goes_a_bounded_piece_per_step(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges of at most ROWS_PER_PIECE rows and reads of at most prefill_step_size tokens, each on a step of its
+    own, alternating with decode steps while others decode."""
+    model, _ = tiny
+    read: list[int] = []
+    prompt = PromptProcessingBatch.prompt
+
+    def recording(self: Any, tokens: list[list[int]]) -> None:
+        read.append(max(len(t) for t in tokens) * len(tokens))
+        prompt(self, tokens)
+
+    monkeypatch.setattr(PromptProcessingBatch, "prompt", recording)
+    monkeypatch.setattr(batching, "ROWS_PER_PIECE", 3)
+    batch = make_batch(model, max_batch_size=16, group_size=8, prefill_step_size=24)
+    running = batch.insert([5, 6, 7], None, [], GREEDY, [], 100)
+    while not batch.running.uids:
+        batch.next()
+    for p in prompts(8, seed=7):
+        batch.insert(p, None, [], GREEDY, [], 5)
+    kinds = []
+    while len(batch.running) < 9:
+        merging, reading = len(batch.group.rows), len(read)
+        joined, decoded = batch.next()
+        kinds.append(
+            "decode" if decoded else "join" if joined else "read" if len(read) > reading
+            else f"merge {len(batch.group.rows) - merging}"
+        )  # fmt: skip
+        assert [r.uid for r in decoded] == ([running] if decoded else [])
+    assert kinds[:6] == ["decode", "merge 3", "decode", "merge 3", "decode", "merge 2"]
+    assert kinds[-2:] == ["decode", "join"]
+    assert kinds[::2] == ["decode"] * (len(kinds) // 2)
+    assert kinds.count("read") >= 2 and max(read) <= 24
+
+
+def test_the_host_padding_follows_the_device(tiny: tuple[Any, Any]) -> None:
+    """The batch cache's host copy of each row's padding, through merges, prompts, joins and leaves."""
+    model, _ = tiny
+    batch = make_batch(model, max_batch_size=12, group_size=5, prefill_step_size=16)
+    rng = random.Random(8)
+    for step in range(300):
+        if step % 25 == 0:
+            for p in prompts(4, seed=step):
+                batch.insert(p, None, [], GREEDY, [], rng.randrange(2, 30))
+        batch.next()
+        for layer in [*batch.running.prompt_cache, *(batch.group.batch.prompt_cache if batch.group.batch else [])]:
+            assert layer.padding == layer.left_padding.tolist()
+    assert batch.decode_steps > 100
