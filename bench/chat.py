@@ -38,6 +38,7 @@ QWEN3_06B = {
 
 
 PREFILL_BATCH_SIZE = 32
+PREFILL_STEP_SIZE = 4096
 
 
 def build_model(shape: str, root: Path) -> Path:
@@ -126,8 +127,8 @@ def engine_direct(path: Path, texts: list[str], new_tokens: int) -> dict[str, fl
     from mlxpool.config import ModelSpec
     from mlxpool.engines.chat import SamplingParams, Sequence, load_chat
 
-    spec = ModelSpec(name="bench", kind="chat", path=str(path), max_batch_size=64,
-                     prefill_batch_size=PREFILL_BATCH_SIZE, prompt_cache_size=8)  # fmt: skip
+    spec = ModelSpec(name="bench", kind="chat", path=str(path), max_batch_size=64, prompt_cache_size=8,
+                     prefill_batch_size=PREFILL_BATCH_SIZE, prefill_step_size=PREFILL_STEP_SIZE)  # fmt: skip
     task = load_chat(spec, path, None)  # type: ignore[arg-type]
     try:
         while True:
@@ -188,7 +189,7 @@ def start_mlxpool(path: Path, port: int, workdir: Path, trace: Path | None = Non
     config.write_text(
         f'[server]\nports = [{port}]\nlog_level = "warning"\n'
         f'[models.bench]\nkind = "chat"\npath = "{path}"\npreload = true\nmax_batch_size = 64\n'
-        f"prefill_batch_size = {PREFILL_BATCH_SIZE}\n"
+        f"prefill_batch_size = {PREFILL_BATCH_SIZE}\nprefill_step_size = {PREFILL_STEP_SIZE}\n"
     )
     command, env = mlxpool_command(trace)
     process = subprocess.Popen([*command, "serve", "--config", str(config)], env=env)
@@ -335,12 +336,17 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, help="write mlxpool's worker-step timeline here (bench/step_trace.py)")
     parser.add_argument("--prefill-batch-size", type=int, default=32, help="for mlxpool's model and the raw loop alike")
     parser.add_argument(
+        "--prefill-step-size", type=int, default=4096,
+        help="mlxpool's prompt tokens read per step (the raw loop reads up to 2048 of each prompt in a step: a whole "
+        "group of 32 128-token prompts at once, which this default matches)",
+    )  # fmt: skip
+    parser.add_argument(
         "--repeat-prompts", action="store_true", help="send the same prompts in every load (prompt-cache hits)"
     )
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    global PREFILL_BATCH_SIZE
-    PREFILL_BATCH_SIZE = args.prefill_batch_size
+    global PREFILL_BATCH_SIZE, PREFILL_STEP_SIZE
+    PREFILL_BATCH_SIZE, PREFILL_STEP_SIZE = args.prefill_batch_size, args.prefill_step_size
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         path = build_model(args.shape, workdir)

@@ -131,8 +131,8 @@ def test_a_fetched_prefix_written_to_alone_leaves_the_entry_alone(tiny: tuple[An
 
 
 def test_admission_goes_a_bounded_piece_per_step(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Merges of at most ROWS_PER_PIECE rows and reads of at most prefill_step_size tokens, each on a step of its
-    own, alternating with decode steps while others decode."""
+    """Merges of at most ROWS_PER_PIECE cached prefixes and reads of at most prefill_step_size tokens, each on a
+    step of its own, alternating with decode steps while others decode."""
     model, _ = tiny
     read: list[int] = []
     prompt = PromptProcessingBatch.prompt
@@ -147,8 +147,13 @@ def test_admission_goes_a_bounded_piece_per_step(tiny: tuple[Any, Any], monkeypa
     running = batch.insert([5, 6, 7], None, [], GREEDY, [], 100)
     while not batch.running.uids:
         batch.next()
-    for p in prompts(8, seed=7):
-        batch.insert(p, None, [], GREEDY, [], 5)
+    cache, base = PromptCache(max_size=2), prompts(1, seed=7)[0]
+    entry = make_prompt_cache(model)
+    mx.eval(model(mx.array([base]), cache=entry))
+    cache.insert_cache("m", base, entry)
+    for i, p in enumerate(prompts(8, seed=7)):  # cached prefixes (a merge copies those) and rows to read
+        kv, rest = cache.fetch_nearest_cache("m", base[: 5 + i] + p)
+        batch.insert(rest, kv, base[: 5 + i], GREEDY, [], 5)
     kinds = []
     while len(batch.running) < 9:
         merging, reading = len(batch.group.rows), len(read)
@@ -177,3 +182,15 @@ def test_the_host_padding_follows_the_device(tiny: tuple[Any, Any]) -> None:
         for layer in [*batch.running.prompt_cache, *(batch.group.batch.prompt_cache if batch.group.batch else [])]:
             assert layer.padding == layer.left_padding.tolist()
     assert batch.decode_steps > 100
+
+
+def test_rows_without_cached_prefixes_merge_in_one_piece(
+    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _ = tiny
+    monkeypatch.setattr(batching, "ROWS_PER_PIECE", 3)
+    batch = make_batch(model, max_batch_size=16, group_size=8)
+    for p in prompts(8, seed=9):
+        batch.insert(p, None, [], GREEDY, [], 5)
+    batch.next()
+    assert len(batch.group.rows) == 8 and not batch.waiting

@@ -4,8 +4,8 @@ mlx-lm's `BatchGenerator` does a whole admission inside one step: merging the ne
 prompts (a chunk per row) and their first token, on top of that step's decode. On a GPU that made the worker's
 longest steps 80-170 ms (bench/join_cost.py, docs/benchmarks.md), and every other model waited for them. Here the
 same mlx-lm parts (`PromptProcessingBatch`, `GenerationBatch`) are driven so that a step is either a decode step
-of the running batch or one piece of admitting the next group: merging up to `ROWS_PER_PIECE` newcomers' caches
-into the group, reading `prefill_step_size` of the group's prompt tokens, or the group's first token and its
+of the running batch or one piece of admitting the next group: merging up to `ROWS_PER_PIECE` newcomers' cached
+prefixes into the group, reading `prefill_step_size` of the group's prompt tokens, or the group's first token and its
 joining the running batch. While sequences are decoding, pieces alternate with decode steps.
 """
 
@@ -27,7 +27,8 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 from mlxpool.engines.kv import as_rows
 
 ROWS_PER_PIECE = 8
-"""Newcomers whose caches one step merges into their group (each costs two copies per layer)."""
+"""Newcomers with cached prefixes whose caches one step merges into their group (each costs two copies per layer;
+rows without a cached prefix cost nothing to merge)."""
 CLEAR_EVERY = 512
 """Decode steps between returns of MLX's buffer cache, as mlx-lm's generator does."""
 
@@ -131,7 +132,10 @@ class ContinuousBatch:
         group = self.group
         room = min(self.group_size, self.max_batch_size - len(self.running)) - len(group.rows)
         if self.waiting and room > 0 and not group.reading:
-            self._merge([self.waiting.popleft() for _ in range(min(room, ROWS_PER_PIECE, len(self.waiting)))])
+            rows: list[Newcomer] = []
+            while self.waiting and len(rows) < room and sum(bool(r.cached) for r in rows) < ROWS_PER_PIECE:
+                rows.append(self.waiting.popleft())
+            self._merge(rows)
         elif any(len(n.to_read) > 1 for n in group.rows):
             self._read()
         else:
