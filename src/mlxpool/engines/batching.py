@@ -102,7 +102,7 @@ class ContinuousBatch:
         """One step: (uids that joined the running batch, `GenerationBatch.Response`s of a decode step)."""
         with mx.stream(generation_stream):
             admitting = (self.waiting or self.group.rows) and len(self.running) < self.max_batch_size
-            if admitting and not (len(self.running) and not self._decoded_last):
+            if admitting and (self._decoded_last or not len(self.running)):
                 self._decoded_last = False
                 return self._admit(), []
             self._decoded_last = True

@@ -64,10 +64,9 @@ class BatchKV(BatchKVCache):
             self.padding = [p - shift for p in self.padding]
 
     def extend(self, other: Any) -> None:
-        theirs = other.padding if isinstance(other, BatchKV) else other.left_padding.tolist()
         longest = max(self._idx, other._idx)
         ours = [p + longest - self._idx for p in self.padding]
-        theirs = [p + longest - other._idx for p in theirs]
+        theirs = [p + longest - other._idx for p in other.padding]
         super().extend(other)
         self.padding = ours + theirs
 
@@ -92,7 +91,7 @@ class RowKV(KVCache):
 
 def as_rows(cache: list[Any]) -> list[Any]:
     """`cache` with its plain KV layers as `RowKV`s (sharing their arrays); other kinds of cache as they are."""
-    if not all(type(layer) is KVCache or type(layer) is RowKV for layer in cache):
+    if not all(type(layer) is KVCache for layer in cache):  # RowKVs already, or another kind
         return cache
     rows = []
     for layer in cache:
