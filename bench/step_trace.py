@@ -18,6 +18,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -39,12 +40,13 @@ def install(path: str) -> None:
     _time_phases(phases, sync)
 
     def traced_chat_step(self: ChatEngine) -> None:
-        incoming, start, tokens = len(self._incoming), clock(), self.generated_tokens
+        incoming, start, cpu, tokens = len(self._incoming), clock(), time.thread_time(), self.generated_tokens
         phases.clear()
         chat_step(self)
         g = self.generator
         RECORDS.append({
-            "e": "chat_step", "t0": start, "t1": clock(), "incoming": incoming, "active": len(self._active),
+            "e": "chat_step", "t0": start, "t1": clock(), "cpu": time.thread_time() - cpu,
+            "threads": threading.active_count(), "incoming": incoming, "active": len(self._active),
             "decode": len(g.running), "prefill": len(g.group.rows), "waiting": len(g.waiting),
             "solo": self._solo is not None,
             "tokens": self.generated_tokens - tokens, "phases": {k: round(1000 * v, 3) for k, v in phases.items()},
@@ -100,17 +102,21 @@ def _time_phases(phases: dict[str, float], sync: bool) -> None:
         original = getattr(owner, name)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 if sync:
                     mx.synchronize()
                 phases[label] = phases.get(label, 0.0) + time.perf_counter() - start
+                phases[label + "_cpu"] = phases.get(label + "_cpu", 0.0) + time.thread_time() - cpu
 
         setattr(owner, name, wrapper)
 
     timed(GenerationBatch, "next", "decode")
+    timed(GenerationBatch, "_step", "forward")
+    timed(mx, "async_eval", "async_eval")
+    timed(mx, "eval", "eval")
     timed(GenerationBatch, "extend", "join")
     timed(GenerationBatch, "filter", "filter")
     timed(PromptProcessingBatch, "prompt", "prefill")
@@ -177,9 +183,15 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
             }  # fmt: skip
     longest = sorted(steps, key=lambda s: s["t0"] - s["t1"])[:15]
     out["longest_chat_steps"] = [
-        {"ms": round(1000 * (s["t1"] - s["t0"]), 2)} | {k: s[k] for k in ("decode", "prefill", "waiting", "tokens")}
+        {"ms": round(1000 * (s["t1"] - s["t0"]), 2), "cpu_ms": round(1000 * s.get("cpu", 0.0), 2)}
+        | {k: s.get(k) for k in ("decode", "prefill", "waiting", "tokens", "threads")}
         | {"phases": s.get("phases")} for s in longest
     ]  # fmt: skip
+    long = [s for s in steps if s["t1"] - s["t0"] > 0.04]
+    out["chat_steps_over_40ms"] = {
+        "count": len(long), "of": len(steps), "wall_ms": round(1000 * sum(s["t1"] - s["t0"] for s in long), 1),
+        "cpu_ms": round(1000 * sum(s.get("cpu", 0.0) for s in long), 1),
+    }  # fmt: skip
     chat_ms = [1000 * (t1 - t0) for t0, t1 in chat_busy]
     if chat_ms:
         out["chat_step_ms_batch_over_8"] = {"p50": round(_pct(chat_ms, 0.5), 2), "p99": round(_pct(chat_ms, 0.99), 2)}

@@ -194,3 +194,41 @@ def test_rows_without_cached_prefixes_merge_in_one_piece(
         batch.insert(p, None, [], GREEDY, [], 5)
     batch.next()
     assert len(batch.group.rows) == 8 and not batch.waiting
+
+
+def test_rows_on_one_cached_prefix_merge_as_one_and_answer_the_same(
+    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests continuing one cached prompt share its entry's arrays: one copy merges them all (ROWS_PER_PIECE
+    counts distinct prefixes), and each answers as its prompt alone."""
+    model, _ = tiny
+    monkeypatch.setattr(batching, "ROWS_PER_PIECE", 1)
+    cache, base = PromptCache(max_size=2), prompts(1, seed=10)[0]
+    entry = make_prompt_cache(model)
+    mx.eval(model(mx.array([base]), cache=entry))
+    cache.insert_cache("m", base, entry)
+    batch = make_batch(model, max_batch_size=8, group_size=8)
+    cases = [[*base, 7 + i] for i in range(5)]
+    uids = []
+    for prompt in cases:
+        kv, rest = cache.fetch_nearest_cache("m", prompt)
+        assert kv is not None and rest == prompt[-1:]
+        uids.append(batch.insert(rest, kv, base, GREEDY, [], 6))
+    batch.next()
+    assert len(batch.group.rows) == 5 and not batch.waiting
+    out = run(batch)
+    for uid, prompt in zip(uids, cases, strict=True):
+        assert out[uid] == alone(model, prompt, 6)
+
+
+def test_a_fetched_prefix_counts_the_bytes_of_its_tokens(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    cache, tokens = PromptCache(max_size=2), prompts(1, seed=11)[0]
+    entry = make_prompt_cache(model)
+    mx.eval(model(mx.array([tokens]), cache=entry))
+    cache.insert_cache("m", tokens, entry)
+    kv, rest = cache.fetch_nearest_cache("m", [*tokens[:2], 1])
+    assert kv is not None and rest == [1]
+    assert sum(layer.nbytes for layer in kv) == sum(
+        layer.keys[..., :2, :].nbytes + layer.values[..., :2, :].nbytes for layer in entry
+    )

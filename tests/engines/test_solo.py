@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mlxpool.demo import build_tiny_chat
-from mlxpool.engines.chat import ChatEngine, SamplingParams
+from mlxpool.engines.chat import ADMITS_PER_STEP, ChatEngine, SamplingParams
 from tests.conftest import Served, ServeFactory, make_settings
 
 LONG = "Tell me a long story about the sea, the wind, the ships and the people who sail them. " * 3
@@ -146,22 +146,31 @@ async def test_a_step_posts_all_its_deltas_to_the_loop_at_once(served: Served, m
 async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
     serve: ServeFactory, tiny_chat: Path
 ) -> None:
-    """Nine requests waiting at once with prefill_batch_size 4 join as 4 + 4 + 1, each group after the previous
-    one has read its prompts (given the backlog, mlx-lm would take 4, then 1, then 3: more prompt passes and KV
-    merges, and sequences finishing on steps of their own)."""
+    """Nine requests waiting at once with prefill_batch_size 4 join the running batch as 4 + 4 + 1, each group
+    after the previous one has read its prompts (given the backlog, mlx-lm's BatchGenerator would take 4, then 1,
+    then 3: more prompt passes and KV merges, and sequences finishing on steps of their own); the engine hands them
+    to the batch at most ADMITS_PER_STEP per step."""
     spec = {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prefill_batch_size": 4}
     async with serve(make_settings({"small": spec})) as s:
         await s.pool.load("small")
         chat = engine(s, "small")
         chat.decodes_alone = False
-        groups: dict[int, list[int]] = {}  # step -> how many were still reading at each insert in it
-        insert = chat._insert
+        joined: list[int] = []
+        inserted: dict[int, int] = {}  # step -> sequences handed to the batch in it
+        batch_next, insert = chat.generator.next, chat._insert
 
-        def recording(sequence: Any, sampler: Any, processors: Any) -> int:
-            groups.setdefault(chat.steps, []).append(len(chat._reading))
+        def recording_next() -> Any:
+            uids, responses = batch_next()
+            if uids:
+                joined.append(len(uids))
+            return uids, responses
+
+        def recording_insert(sequence: Any, sampler: Any, processors: Any) -> int:
+            inserted[chat.steps] = inserted.get(chat.steps, 0) + 1
             return insert(sequence, sampler, processors)
 
-        chat._insert = recording  # type: ignore[method-assign]
+        chat.generator.next = recording_next
+        chat._insert = recording_insert  # type: ignore[method-assign]
         held, release = threading.Event(), threading.Event()
 
         def hold() -> Any:  # keeps the worker busy while all nine requests queue up
@@ -181,7 +190,5 @@ async def test_a_backlog_joins_in_whole_groups_once_the_previous_group_has_read(
         for stream in streams:
             async for _ in stream:
                 pass
-        sizes = [len(reading) for _, reading in sorted(groups.items())]
-        assert sizes == [4, 4, 1], groups
-        assert all(reading[0] == 0 for reading in groups.values()), groups  # nothing was still reading
-        assert not chat._reading
+        assert joined == [4, 4, 1]
+        assert sorted(inserted.values()) == [1, ADMITS_PER_STEP]

@@ -27,8 +27,8 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 from mlxpool.engines.kv import as_rows
 
 ROWS_PER_PIECE = 8
-"""Newcomers with cached prefixes whose caches one step merges into their group (each costs two copies per layer;
-rows without a cached prefix cost nothing to merge)."""
+"""Cached prefixes that one step merges into the group (each costs two copies per layer; rows without one cost
+nothing, and rows with the same prefix of one prompt cache entry are copied together)."""
 CLEAR_EVERY = 512
 """Decode steps between returns of MLX's buffer cache, as mlx-lm's generator does."""
 
@@ -132,15 +132,24 @@ class ContinuousBatch:
         group = self.group
         room = min(self.group_size, self.max_batch_size - len(self.running)) - len(group.rows)
         if self.waiting and room > 0 and not group.reading:
-            rows: list[Newcomer] = []
-            while self.waiting and len(rows) < room and sum(bool(r.cached) for r in rows) < ROWS_PER_PIECE:
-                rows.append(self.waiting.popleft())
-            self._merge(rows)
+            self._merge(sorted(self._take(room), key=_source))
         elif any(len(n.to_read) > 1 for n in group.rows):
             self._read()
         else:
             return self._join()
         return []
+
+    def _take(self, room: int) -> list[Newcomer]:
+        """The next waiting rows: at most `room`, holding at most ROWS_PER_PIECE distinct cached prefixes."""
+        rows: list[Newcomer] = []
+        sources: set[tuple[int, int]] = set()
+        while self.waiting and len(rows) < room:
+            if self.waiting[0].cached and (source := _source(self.waiting[0])) not in sources:
+                if len(sources) == ROWS_PER_PIECE:
+                    break
+                sources.add(source)
+            rows.append(self.waiting.popleft())
+        return rows
 
     def _merge(self, rows: list[Newcomer]) -> None:
         n = len(rows)
@@ -157,6 +166,8 @@ class ContinuousBatch:
         else:
             self.group.batch.extend(batch)
         self.group.rows += rows
+        # Launched now, the copies are this step's work, not the first token's.
+        mx.async_eval([c.state for c in self.group.batch.prompt_cache if not c.empty()])
 
     def _read(self) -> None:
         """Read up to `prefill_step_size` prompt tokens of the group (all but each row's last token)."""
@@ -173,3 +184,9 @@ class ContinuousBatch:
         group, self.group = self.group, Group()
         self.running.extend(group.batch.generate([n.to_read for n in group.rows]))
         return [n.uid for n in group.rows]
+
+
+def _source(row: Newcomer) -> tuple[int, int]:
+    """Which cached prefix `row` holds: rows with equal sources merge in one copy."""
+    first = row.cache[0] if row.cache else None
+    return id(getattr(first, "keys", row)), len(row.cached)

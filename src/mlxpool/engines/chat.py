@@ -27,6 +27,10 @@ from mlxpool.engines.weights import materialize
 from mlxpool.errors import GenerationError
 from mlxpool.worker import Task, Worker
 
+ADMITS_PER_STEP = 8
+"""Newcomers handed to the batch per step (prompt cache lookups, samplers): a burst of requests is spread over a few
+steps instead of making one long step that every other model waits behind."""
+
 
 class ChatEngine:
     """mlx-lm text models. Subclasses swap the batch generator (`_make_generator`, `_insert`, `_next`, `_remove`).
@@ -38,6 +42,9 @@ class ChatEngine:
     reuses_prompts = True
     decodes_alone = True
     """A sequence that is the only one decodes without the batch (engines/solo.py) until another arrives."""
+    holds_back_newcomers = False
+    """Hold newcomers back until the group before them has read its prompts, so a backlog joins in whole groups of
+    prefill_batch_size (for batch generators that take each newcomer as it comes; ours groups them itself)."""
 
     def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
         self.model = model
@@ -273,11 +280,10 @@ class ChatEngine:
     def _admit(self) -> None:
         from mlx_lm.sample_utils import make_logits_processors
 
-        # Newcomers join in groups of up to prefill_batch_size, each once the previous group has read its prompt,
-        # so a backlog joins as 32 + 32 (two prompt passes, two merges into the running batch).
-        if self._reading:
+        if self.holds_back_newcomers and self._reading:
             return
-        room = self.spec.prefill_batch_size - (self._solo is not None)
+        room = self.spec.prefill_batch_size if self.holds_back_newcomers else ADMITS_PER_STEP
+        room -= self._solo is not None
         admitted = bool(self._incoming)
         while self._incoming and room > 0:
             sequence = self._incoming.popleft()

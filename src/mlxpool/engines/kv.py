@@ -3,9 +3,10 @@
 On a GPU, what a group of newcomers costs the running batch is mostly small operations and waits, not arithmetic
 (bench/join_cost.py, H200, Qwen3-0.6B shape, 32 newcomers): mlx-lm's prompt cache deep-copies each cached prefix
 (12-20 ms for 32), and its batch cache reads each row's padding back from the device once per layer whenever
-rows leave (20-26 ms, a wait per layer). Here a cached prefix is a slice of the entry's arrays (MLX arrays are
-values: writing to a slice makes a new array, the entry stays as it was), and the batch cache keeps a host copy
-of the padding. Layers of other types (rotating, quantized, state-space) take mlx-lm's path unchanged.
+rows leave (20-26 ms, a wait per layer). Here a cached prefix shares the entry's arrays until it is written to,
+rows with the same prefix of the same entry (many requests on one cached prompt) merge in one copy per layer, and
+the batch cache keeps a host copy of the padding. Layers of other types (rotating, quantized, state-space) take
+mlx-lm's path unchanged.
 """
 
 # mypy: disallow-untyped-calls=False
@@ -13,6 +14,7 @@ of the padding. Layers of other types (rotating, quantized, state-space) take ml
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import mlx.core as mx
@@ -29,9 +31,28 @@ class BatchKV(BatchKVCache):
 
     @classmethod
     def merge(cls, caches: list[Any]) -> BatchKV:
-        if all(c.size() == 0 for c in caches):  # mlx-lm's would make a plain BatchKVCache
-            return cls([0] * len(caches))
-        return super().merge(caches)  # type: ignore[no-any-return]
+        """One batch cache of the row caches `caches`, each row left-padded to the longest."""
+        lengths = [c.size() for c in caches]
+        longest = max(lengths)
+        merged = cls([longest - n for n in lengths])
+        if longest == 0:
+            return merged
+        first = next(c for c in caches if c.keys is not None)
+        _, heads, _, key_dim = first.keys.shape
+        keys = mx.zeros((len(caches), heads, longest, key_dim), first.keys.dtype)
+        values = mx.zeros((len(caches), heads, longest, first.values.shape[3]), first.values.dtype)
+        row = 0
+        # A run of rows holding the same prefix of the same arrays is copied at once (each copy is a launch).
+        for (_, n), run in itertools.groupby(zip(caches, lengths, strict=True), key=lambda c: (id(c[0].keys), c[1])):
+            count, source = len(list(run)), caches[row]
+            if n:
+                shape = (count, heads, n, key_dim)
+                keys[row : row + count, :, longest - n :] = mx.broadcast_to(source.keys[..., :n, :], shape)
+                shape = (count, heads, n, values.shape[3])
+                values[row : row + count, :, longest - n :] = mx.broadcast_to(source.values[..., :n, :], shape)
+            row += count
+        merged.state = keys, values, merged.offset + longest, merged.left_padding, longest
+        return merged
 
     def prepare(self, *, left_padding: Any = None, lengths: Any = None, right_padding: Any = None) -> None:
         super().prepare(left_padding=left_padding, lengths=lengths, right_padding=right_padding)
@@ -82,11 +103,32 @@ class BatchKV(BatchKVCache):
 
 
 class RowKV(KVCache):
-    """One sequence's KV cache; rows of this type merge into a `BatchKV`."""
+    """One sequence's KV cache; rows of this type merge into a `BatchKV`.
+
+    A row fetched from the prompt cache shares the entry's arrays (`shared`) until it is written to: MLX's slice
+    assignment changes the array object it is given, which is the entry's.
+    """
+
+    shared = False
 
     @classmethod
     def merge(cls, caches: list[Any]) -> BatchKV:
         return BatchKV.merge(caches)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.shared:
+            assert self.keys is not None and self.values is not None
+            self.keys, self.values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+            self.shared = False
+        return super().update_and_fetch(keys, values)  # type: ignore[no-any-return]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the tokens it holds (a shared row's arrays are longer: the rest is the entry's)."""
+        if self.keys is None or self.values is None:
+            return 0
+        size = int(self.keys.nbytes + self.values.nbytes)
+        return size * self.offset // self.keys.shape[2] if self.shared else size
 
 
 def as_rows(cache: list[Any]) -> list[Any]:
@@ -102,8 +144,8 @@ def as_rows(cache: list[Any]) -> list[Any]:
 
 
 def prefix_of(cache: list[Any], size: int, length: int) -> list[Any]:
-    """The first `length` of the `size` tokens in `cache`: slices of its arrays (plain KV layers), or a trimmed deep
-    copy."""
+    """The first `length` of the `size` tokens in `cache`: rows sharing its arrays (plain KV layers), or a trimmed
+    deep copy."""
     if not all(type(layer) is KVCache for layer in cache):
         copied = copy.deepcopy(cache)
         if length < size:
@@ -113,14 +155,13 @@ def prefix_of(cache: list[Any], size: int, length: int) -> list[Any]:
     rows = []
     for layer in cache:
         row = RowKV()
-        # New array objects: an update of the row rebinds them and leaves the entry's alone.
-        row.keys, row.values, row.offset = layer.keys[..., :length, :], layer.values[..., :length, :], length
+        row.keys, row.values, row.offset, row.shared = layer.keys, layer.values, length, True
         rows.append(row)
     return rows
 
 
 class PromptCache(LRUPromptCache):
-    """mlx-lm's LRU prompt cache, handing out slices of its entries instead of deep copies."""
+    """mlx-lm's LRU prompt cache, handing out its entries' arrays (copied on write) instead of deep copies."""
 
     def fetch_nearest_cache(self, model: Any, tokens: list[int]) -> tuple[list[Any] | None, list[int]]:
         """The KV of the longest cached prefix of `tokens` (at most all but the last), and the tokens after it."""
