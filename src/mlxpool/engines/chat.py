@@ -42,9 +42,6 @@ class ChatEngine:
     reuses_prompts = True
     decodes_alone = True
     """A sequence that is the only one decodes without the batch (engines/solo.py) until another arrives."""
-    holds_back_newcomers = False
-    """Hold newcomers back until the group before them has read its prompts, so a backlog joins in whole groups of
-    prefill_batch_size (for batch generators that take each newcomer as it comes; ours groups them itself)."""
 
     def __init__(self, model: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker):
         self.model = model
@@ -66,8 +63,6 @@ class ChatEngine:
         self.handoffs = 0
         self._incoming: deque[Sequence] = deque()
         self._active: dict[int, Sequence] = {}
-        self._reading: set[int] = set()
-        """Sequences in the batch still reading their prompt."""
         self._outbox: list[tuple[Sequence, Delta]] = []
         """This step's deltas, posted to the loop together when it ends."""
         self.steps = 0
@@ -172,15 +167,13 @@ class ChatEngine:
         cached = sequence.cached_tokens = len(prompt) - len(rest)
         self.cached_tokens += cached
         uid: int = self.generator.insert(rest, cache, prompt[:cached], sampler, processors, sequence.params.max_tokens)
-        self._reading.add(uid)
         return uid
 
     def _next(self) -> list[tuple[int, int, str | None, Any]]:
         """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
         if self._solo is not None:
             return self._solo_step()
-        joined, responses = self.generator.next()
-        self._reading.difference_update(joined)
+        _, responses = self.generator.next()
         finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
         if self.prompt_cache is not None and finished:
             # Only as many as the cache keeps. A finished sequence's cache is a lazy slice of the whole batch's
@@ -214,7 +207,6 @@ class ChatEngine:
         self.cache_bytes = cached + self.generator.nbytes + alone
 
     def _remove(self, uids: list[int]) -> None:
-        self._reading.difference_update(uids)
         if SOLO in uids:
             self._solo = None
             uids = [uid for uid in uids if uid != SOLO]
@@ -272,7 +264,6 @@ class ChatEngine:
             solo.max_tokens - len(solo.tokens),
         )  # fmt: skip
         sequence.uid = uid
-        self._reading.add(uid)
         self._active[uid] = self._active.pop(SOLO)
 
     # --- sequences ---------------------------------------------------------------------------------------------
@@ -280,10 +271,7 @@ class ChatEngine:
     def _admit(self) -> None:
         from mlx_lm.sample_utils import make_logits_processors
 
-        if self.holds_back_newcomers and self._reading:
-            return
-        room = self.spec.prefill_batch_size if self.holds_back_newcomers else ADMITS_PER_STEP
-        room -= self._solo is not None
+        room = ADMITS_PER_STEP - (self._solo is not None)  # a sequence decoding alone is handed over too
         admitted = bool(self._incoming)
         while self._incoming and room > 0:
             sequence = self._incoming.popleft()

@@ -31,7 +31,6 @@ class VisionInput:
 class VisionEngine(ChatEngine):
     reuses_prompts = False  # the cache would have to key on images too; mlx-vlm's own (APC) is not wired in
     decodes_alone = False
-    holds_back_newcomers = True  # mlx-vlm's BatchGenerator takes newcomers as they come
 
     def __init__(
         self, model: Any, processor: Any, tokenizer: Any, spec: ModelSpec, config: dict[str, Any], worker: Worker
