@@ -29,7 +29,7 @@ def main() -> None:
         workdir = Path(tmp)
         path = chat.build_model(args.shape, workdir)
         vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
-        texts = chat.prompts(args.clients, 128, vocab)
+        texts = chat.prompts(args.clients, 128, None if args.shape == "tiny" else vocab)
         port = chat.free_port()
         server = chat.start_mlxpool(path, port, workdir)
         try:

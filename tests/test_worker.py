@@ -6,7 +6,7 @@ import threading
 import mlx.core as mx
 import pytest
 
-from mlxpool.worker import Task, Worker
+from mlxpool.worker import Task, Worker, choose_cuda_attention
 from tests.fakes import FakeEngine
 
 
@@ -96,3 +96,14 @@ async def test_a_cancelled_waiter_does_not_break_the_worker(worker: Worker) -> N
     waiting.cancel()
     gate.set()
     assert await worker.call(lambda: 2) == 2
+
+
+def test_cuda_attention_is_chosen_unless_the_environment_chose() -> None:
+    environ: dict[str, str] = {}
+    choose_cuda_attention(False, environ)
+    assert environ == {"MLX_CUDA_USE_CUDNN_SDPA": "0"}
+    choose_cuda_attention(True, environ)  # already set: the environment wins
+    assert environ == {"MLX_CUDA_USE_CUDNN_SDPA": "0"}
+    fresh: dict[str, str] = {}
+    choose_cuda_attention(True, fresh)
+    assert fresh == {"MLX_CUDA_USE_CUDNN_SDPA": "1"}

@@ -118,6 +118,11 @@ class ServerSettings(BaseModel):
     arbitrary repos. Local paths are never accepted from requests."""
     max_pdf_pages: int = Field(default=50, ge=1)
     """OCR: most pages read from one PDF; longer documents get 400."""
+    cudnn_attention: bool = False
+    """CUDA only: read prompts with cuDNN's fused attention. cuDNN builds a plan for every new combination of
+    shapes (rows read together, prompt and cache lengths), 50-250 ms of the one MLX thread each on the measured
+    H200 host, and a continuous batch meets new combinations all the time (docs/benchmarks.md). Off: MLX's own
+    kernels. Sets `MLX_CUDA_USE_CUDNN_SDPA` for the process, unless the environment already sets it."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, MutableMapping
 from typing import Any, Protocol, TypeVar
 
 import mlx.core as mx
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Task = Generator[None, None, T]
 GC_SLACK = 2**20
+
+
+def choose_cuda_attention(cudnn: bool, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Whether MLX's CUDA backend reads prompts with cuDNN's attention (see `ServerSettings.cudnn_attention`). MLX
+    reads the variable once, at its first attention, so this runs before any model does; a value already set wins."""
+    environ.setdefault("MLX_CUDA_USE_CUDNN_SDPA", "1" if cudnn else "0")
 
 
 class Steppable(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -150,3 +151,12 @@ async def test_concurrent_admin_loads_are_single_flight(served: Served, loader: 
     responses = await asyncio.gather(*(served.http.post("/admin/models/asr/load") for _ in range(8)))
     assert {r.status_code for r in responses} == {200}
     assert loader.calls.count("asr") == 1
+
+
+@pytest.mark.parametrize(("cudnn", "value"), [(False, "0"), (True, "1")])
+async def test_the_server_tells_mlx_which_cuda_attention_to_use(
+    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch, cudnn: bool, value: str
+) -> None:
+    monkeypatch.delenv("MLX_CUDA_USE_CUDNN_SDPA", raising=False)
+    async with serve(make_settings({}, cudnn_attention=cudnn), loader=FakeLoader({})):
+        assert os.environ["MLX_CUDA_USE_CUDNN_SDPA"] == value

@@ -130,11 +130,11 @@ def test_a_fetched_prefix_written_to_alone_leaves_the_entry_alone(tiny: tuple[An
         assert layer.offset == offset and mx.array_equal(layer.keys, keys)
 
 
-def test_admission_goes_a_bounded_piece_per_step(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Merges of at most ROWS_PER_PIECE cached prefixes and reads of at most prefill_step_size tokens, each on a
-    step of its own, alternating with decode steps while others decode."""
-    model, _ = tiny
-    read: list[int] = []
+def admission_kinds(
+    model: Any, monkeypatch: pytest.MonkeyPatch, clock: Any, read: list[int] | None = None
+) -> list[str]:
+    """What each step did while a sequence decodes and 8 newcomers (cached prefixes and prompts to read) join."""
+    read = [] if read is None else read
     prompt = PromptProcessingBatch.prompt
 
     def recording(self: Any, tokens: list[list[int]]) -> None:
@@ -143,8 +143,8 @@ def test_admission_goes_a_bounded_piece_per_step(tiny: tuple[Any, Any], monkeypa
 
     monkeypatch.setattr(PromptProcessingBatch, "prompt", recording)
     monkeypatch.setattr(batching, "ROWS_PER_PIECE", 3)
-    batch = make_batch(model, max_batch_size=16, group_size=8, prefill_step_size=24)
-    running = batch.insert([5, 6, 7], None, [], GREEDY, [], 100)
+    batch = make_batch(model, max_batch_size=16, group_size=8, prefill_step_size=24, clock=clock)
+    running = batch.insert([5, 6, 7], None, [], GREEDY, [], 1000)
     while not batch.running.uids:
         batch.next()
     cache, base = PromptCache(max_size=2), prompts(1, seed=7)[0]
@@ -154,19 +154,36 @@ def test_admission_goes_a_bounded_piece_per_step(tiny: tuple[Any, Any], monkeypa
     for i, p in enumerate(prompts(8, seed=7)):  # cached prefixes (a merge copies those) and rows to read
         kv, rest = cache.fetch_nearest_cache("m", base[: 5 + i] + p)
         batch.insert(rest, kv, base[: 5 + i], GREEDY, [], 5)
-    kinds = []
-    while len(batch.running) < 9:
+    kinds: list[str] = []
+    while len(batch.running) < 9 or not kinds or kinds[-1] != "decode":
         merging, reading = len(batch.group.rows), len(read)
         joined, decoded = batch.next()
         kinds.append(
             "decode" if decoded else "join" if joined else "read" if len(read) > reading
             else f"merge {len(batch.group.rows) - merging}"
         )  # fmt: skip
-        assert [r.uid for r in decoded] == ([running] if decoded else [])
+        assert running in [r.uid for r in decoded] or not decoded
+    return kinds
+
+
+def test_admission_goes_a_bounded_piece_per_step(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges of at most ROWS_PER_PIECE cached prefixes and reads of at most prefill_step_size tokens, each on a
+    step of its own; when each piece outlasts DECODE_GAP, pieces alternate with decode steps."""
+    read: list[int] = []
+    ticks = iter(range(0, 10**6))
+    kinds = admission_kinds(tiny[0], monkeypatch, lambda: float(next(ticks)), read)  # a second passes per call
     assert kinds[:6] == ["decode", "merge 3", "decode", "merge 3", "decode", "merge 2"]
-    assert kinds[-2:] == ["decode", "join"]
-    assert kinds[::2] == ["decode"] * (len(kinds) // 2)
+    assert kinds[-3:] == ["decode", "join", "decode"]
+    assert kinds[::2] == ["decode"] * ((len(kinds) + 1) // 2)
     assert kinds.count("read") >= 2 and max(read) <= 24
+
+
+def test_a_burst_of_newcomers_joins_in_one_go(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within DECODE_GAP of the last decode step, pieces go back to back; the group's first tokens come next."""
+    kinds = admission_kinds(tiny[0], monkeypatch, lambda: 0.0)  # no time passes
+    pieces = kinds[1:-2]
+    assert kinds[0] == "decode" and kinds[-2:] == ["join", "decode"]
+    assert pieces[:3] == ["merge 3", "merge 3", "merge 2"] and set(pieces[3:]) == {"read"}
 
 
 def test_the_host_padding_follows_the_device(tiny: tuple[Any, Any]) -> None:

@@ -24,7 +24,7 @@ from mlxpool.config import Settings, parse_size
 from mlxpool.device import machine_memory, usable_memory
 from mlxpool.engines import Loader, load_engine
 from mlxpool.pool import ModelPool
-from mlxpool.worker import Worker
+from mlxpool.worker import Worker, choose_cuda_attention
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        choose_cuda_attention(settings.server.cudnn_attention)
         worker = Worker()
         worker.start()
         gc.freeze()  # start-up objects live forever: keep them out of every later full collection

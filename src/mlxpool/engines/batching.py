@@ -6,7 +6,9 @@ longest steps 80-170 ms (bench/join_cost.py, docs/benchmarks.md), and every othe
 same mlx-lm parts (`PromptProcessingBatch`, `GenerationBatch`) are driven so that a step is either a decode step
 of the running batch or one piece of admitting the next group: merging up to `ROWS_PER_PIECE` newcomers' cached
 prefixes into the group, reading `prefill_step_size` of the group's prompt tokens, or the group's first token and its
-joining the running batch. While sequences are decoding, pieces alternate with decode steps.
+joining the running batch. While sequences are decoding, pieces go back to back for at most `DECODE_GAP` seconds
+after the last decode step, so a burst of newcomers joins in one go (as mlx-lm's generator admits them) while the
+running sequences wait at most that long for their next token; a piece that runs longer alternates with decode steps.
 """
 
 # mypy: disallow-untyped-calls=False
@@ -14,7 +16,9 @@ joining the running batch. While sequences are decoding, pieces alternate with d
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,8 @@ from mlxpool.engines.kv import as_rows
 ROWS_PER_PIECE = 8
 """Cached prefixes that one step merges into the group (each costs two copies per layer; rows without one cost
 nothing, and rows with the same prefix of one prompt cache entry are copied together)."""
+DECODE_GAP = 0.05
+"""Seconds that admission pieces may go on back to back while sequences wait for their next decode step."""
 CLEAR_EVERY = 512
 """Decode steps between returns of MLX's buffer cache, as mlx-lm's generator does."""
 
@@ -59,8 +65,9 @@ class Group:
 
 class ContinuousBatch:
     def __init__(
-        self, model: Any, stop_tokens: list[int], max_batch_size: int, group_size: int, prefill_step_size: int
-    ):
+        self, model: Any, stop_tokens: list[int], max_batch_size: int, group_size: int, prefill_step_size: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ):  # fmt: skip
         self.model = model
         self.stops = StopSequences([[t] for t in stop_tokens])
         self.max_batch_size = max_batch_size
@@ -70,7 +77,13 @@ class ContinuousBatch:
         self.waiting: deque[Newcomer] = deque()
         self.group = Group()
         self.decode_steps = 0
-        self._decoded_last = False
+        self._clock = clock
+        self._decoded_at = 0.0
+        """When the last decode step ended."""
+        self._pieces = 0
+        """Admission pieces since then."""
+        self._owed = False
+        """The running batch has first tokens to hand out: it decodes next."""
         self._uids = itertools.count()
         self._wired = maybe_set_recommended_wired_limit()
 
@@ -102,14 +115,16 @@ class ContinuousBatch:
         """One step: (uids that joined the running batch, `GenerationBatch.Response`s of a decode step)."""
         with mx.stream(generation_stream):
             admitting = (self.waiting or self.group.rows) and len(self.running) < self.max_batch_size
-            if admitting and (self._decoded_last or not len(self.running)):
-                self._decoded_last = False
+            due = self._owed or (self._pieces > 0 and self._clock() - self._decoded_at >= DECODE_GAP)
+            if admitting and (not len(self.running) or not due):
+                self._pieces += 1
                 return self._admit(), []
-            self._decoded_last = True
             self.decode_steps += 1
             if self.decode_steps % CLEAR_EVERY == 0:
                 mx.clear_cache()
-            return [], self.running.next()
+            responses = self.running.next()
+            self._decoded_at, self._pieces, self._owed = self._clock(), 0, False
+            return [], responses
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.group.rows) + len(self.running)
@@ -183,6 +198,7 @@ class ContinuousBatch:
         """The group's first token; it joins the running batch, whose next decode step returns that token."""
         group, self.group = self.group, Group()
         self.running.extend(group.batch.generate([n.to_read for n in group.rows]))
+        self._owed = True
         return [n.uid for n in group.rows]
 
 
