@@ -249,3 +249,20 @@ def test_a_fetched_prefix_counts_the_bytes_of_its_tokens(tiny: tuple[Any, Any]) 
     assert sum(layer.nbytes for layer in kv) == sum(
         layer.keys[..., :2, :].nbytes + layer.values[..., :2, :].nbytes for layer in entry
     )
+
+
+def test_a_group_that_joins_gets_its_first_token_before_the_next_group_is_admitted(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    batch = make_batch(model, max_batch_size=16, group_size=4, prefill_step_size=512, clock=lambda: 0.0)
+    running = batch.insert([5, 6, 7], None, [], GREEDY, [], 1000)
+    while not batch.running.uids:
+        batch.next()
+    batch.next()  # a decode step: the gap after it is open for pieces
+    first = {batch.insert(p, None, [], GREEDY, [], 5) for p in prompts(4, seed=3)}
+    second = {batch.insert(p, None, [], GREEDY, [], 5) for p in prompts(4, seed=4)}
+    while not (joined := batch.next()[0]):
+        pass
+    assert set(joined) == first
+    decoded = {r.uid for r in batch.next()[1]}
+    assert decoded == first | {running}  # the first tokens come next, though the gap is still open
+    assert {n.uid for n in batch.waiting} == second  # still waiting: no piece ran in between
