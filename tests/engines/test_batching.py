@@ -266,3 +266,76 @@ def test_a_group_that_joins_gets_its_first_token_before_the_next_group_is_admitt
     decoded = {r.uid for r in batch.next()[1]}
     assert decoded == first | {running}  # the first tokens come next, though the gap is still open
     assert {n.uid for n in batch.waiting} == second  # still waiting: no piece ran in between
+
+
+def test_finished_rows_stay_until_a_quarter_of_the_batch_is_gone(tiny: tuple[Any, Any]) -> None:
+    """Each removal rewrites every layer's cache, so finished rows decode on unseen until two of eight are gone;
+    nobody's answer changes and no gone row's token comes out."""
+    model, _ = tiny
+    batch = make_batch(model, max_batch_size=8, group_size=8)
+    cases = prompts(8, seed=12)
+    uids = [batch.insert(p, None, [], GREEDY, [], 5 + 2 * i) for i, p in enumerate(cases)]
+    out: dict[int, list[int]] = {}
+    rows: list[tuple[int, int]] = []  # (live, in the batch) after each decode step
+    while len(batch):
+        for r in batch.next()[1]:
+            out.setdefault(r.uid, []).append(r.token)
+        rows.append((len(batch.running), len(batch.running.uids)))
+    assert set(out) == set(uids)
+    for uid, prompt, n in zip(uids, cases, range(5, 21, 2), strict=True):
+        assert out[uid] == alone(model, prompt, n)
+    assert (7, 8) in rows and (6, 6) in rows and (5, 6) in rows and (4, 4) in rows
+    assert all(4 * (total - live) < total or live == total == 0 for live, total in rows)
+
+
+def test_a_joining_group_drops_the_gone_rows_first(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    batch = make_batch(model, max_batch_size=8, group_size=8)
+    cases = prompts(9, seed=13)
+    first = [batch.insert(p, None, [], GREEDY, [], 4 if i == 0 else 30) for i, p in enumerate(cases[:8])]
+    while len(batch.running) != 7:
+        batch.next()
+    assert batch.running.uids.count(batching.GONE) == 1 and first[0] not in batch.running.uids
+    late = batch.insert(cases[8], None, [], GREEDY, [], 6)
+    out: dict[int, list[int]] = {}
+    while late not in batch.running.uids:
+        for r in batch.next()[1]:
+            out.setdefault(r.uid, []).append(r.token)
+    assert len(batch.running.uids) == 8 and batching.GONE not in batch.running.uids
+    for r in [r for _ in range(40) for r in batch.next()[1]]:
+        out.setdefault(r.uid, []).append(r.token)
+    assert out[late] == alone(model, cases[8], 6)
+
+
+def test_while_sequences_decode_a_lone_newcomer_waits_join_wait_for_company(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    now = [0.0]
+    batch = make_batch(model, max_batch_size=8, group_size=4, clock=lambda: now[0])
+    running = batch.insert([5, 6, 7], None, [], GREEDY, [], 1000)
+    while running not in batch.running.uids:
+        batch.next()
+    lone = batch.insert([8, 9], None, [], GREEDY, [], 5)
+    for _ in range(3):
+        now[0] += batching.JOIN_WAIT / 4
+        assert batch.next()[1] and not batch.group.rows  # decode steps only
+    company = [batch.insert([10 + i, 11], None, [], GREEDY, [], 5) for i in range(2)]
+    now[0] += batching.JOIN_WAIT / 4
+    while lone not in batch.running.uids:
+        batch.next()
+    assert set(company) <= set(batch.running.uids)  # all three joined as one group
+    alone_again = batch.insert([20, 21], None, [], GREEDY, [], 5)
+    for _ in range(3):
+        batch.next()
+    now[0] += batching.JOIN_WAIT
+    for _ in range(4):
+        batch.next()
+    assert alone_again in batch.running.uids
+
+
+def test_with_nothing_decoding_a_newcomer_starts_at_once(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    batch = make_batch(model, max_batch_size=8, group_size=4, clock=lambda: 0.0)
+    uid = batch.insert([5, 6, 7], None, [], GREEDY, [], 3)
+    for _ in range(3):
+        batch.next()
+    assert uid in batch.running.uids

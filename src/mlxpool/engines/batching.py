@@ -9,6 +9,10 @@ prefixes into the group, reading `prefill_step_size` of the group's prompt token
 joining the running batch. While sequences are decoding, pieces go back to back for at most `DECODE_GAP` seconds
 after the last decode step, so a burst of newcomers joins in one go (as mlx-lm's generator admits them) while the
 running sequences wait at most that long for their next token; a piece that runs longer alternates with decode steps.
+
+Every change to the running batch rewrites every layer's cache, and the decode step after it took twice as long
+as a steady one on a GPU (bench/batch_churn.py). So sequences that finish stay in the batch, decoding unseen, until
+they are a quarter of it or a group joins (`RunningBatch`): in a busy server one change then does for both.
 """
 
 # mypy: disallow-untyped-calls=False
@@ -16,6 +20,7 @@ running sequences wait at most that long for their next token; a piece that runs
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,8 +40,44 @@ ROWS_PER_PIECE = 8
 nothing, and rows with the same prefix of one prompt cache entry are copied together)."""
 DECODE_GAP = 0.05
 """Seconds that admission pieces may go on back to back while sequences wait for their next decode step."""
+JOIN_WAIT = 0.025
+"""Seconds the first of fewer than `group_size` newcomers waits for others while sequences decode, so that
+several join in one change of the running batch."""
 CLEAR_EVERY = 512
 """Decode steps between returns of MLX's buffer cache, as mlx-lm's generator does."""
+GONE = -1
+"""The uid of a row whose sequence has finished or was removed, until the batch drops it."""
+NEVER = StopSequences([])
+
+
+class RunningBatch(GenerationBatch):
+    """mlx-lm's `GenerationBatch` whose finished (or removed) rows stay, decoding unseen, until they are a quarter
+    of the rows or a batch joins; then all are dropped in one change. `len()` counts the live rows."""
+
+    gone = 0
+
+    def __len__(self) -> int:
+        return len(self.uids) - self.gone
+
+    def filter(self, keep: list[int]) -> None:
+        kept = set(keep)
+        for i, uid in enumerate(self.uids):
+            if i not in kept and uid != GONE:
+                self.uids[i], self.max_tokens[i], self._matchers[i] = GONE, sys.maxsize, NEVER.matcher()
+                self.logits_processors[i] = []
+                self.gone += 1
+        if 4 * self.gone >= len(self.uids):
+            self.compact()
+
+    def compact(self) -> None:
+        """Drop the rows that are gone."""
+        if self.gone:
+            self.gone = 0
+            super().filter([i for i, uid in enumerate(self.uids) if uid != GONE])
+
+    def extend(self, batch: Any) -> None:
+        self.compact()
+        super().extend(batch)
 
 
 @dataclass
@@ -50,6 +91,7 @@ class Newcomer:
     sampler: Any
     processors: list[Any]
     max_tokens: int
+    arrived: float
 
 
 @dataclass
@@ -73,7 +115,7 @@ class ContinuousBatch:
         self.max_batch_size = max_batch_size
         self.group_size = group_size
         self.prefill_step_size = prefill_step_size
-        self.running: Any = GenerationBatch.empty(model, greedy_sampler)
+        self.running: Any = RunningBatch.empty(model, greedy_sampler)
         self.waiting: deque[Newcomer] = deque()
         self.group = Group()
         self.decode_steps = 0
@@ -96,7 +138,7 @@ class ContinuousBatch:
             raise ValueError("a sequence needs a token to read and max_tokens > 0")
         cache = as_rows(cache if cache is not None else make_prompt_cache(self.model))
         uid: int = next(self._uids)
-        self.waiting.append(Newcomer(uid, cache, list(cached), list(to_read), sampler, processors, max_tokens))
+        self.waiting.append(Newcomer(uid, cache, list(cached), list(to_read), sampler, processors, max_tokens, self._clock()))
         return uid
 
     def remove(self, uids: list[int]) -> None:
@@ -114,7 +156,7 @@ class ContinuousBatch:
     def next(self) -> tuple[list[int], list[Any]]:
         """One step: (uids that joined the running batch, `GenerationBatch.Response`s of a decode step)."""
         with mx.stream(generation_stream):
-            admitting = (self.waiting or self.group.rows) and len(self.running) < self.max_batch_size
+            admitting = (self.group.rows or self._gathered()) and len(self.running) < self.max_batch_size
             due = self._owed or (self._pieces > 0 and self._clock() - self._decoded_at >= DECODE_GAP)
             if admitting and (not len(self.running) or not due):
                 self._pieces += 1
@@ -122,7 +164,7 @@ class ContinuousBatch:
             self.decode_steps += 1
             if self.decode_steps % CLEAR_EVERY == 0:
                 mx.clear_cache()
-            responses = self.running.next()
+            responses = [r for r in self.running.next() if r.uid != GONE]
             self._decoded_at, self._pieces, self._owed = self._clock(), 0, False
             return [], responses
 
@@ -142,6 +184,13 @@ class ContinuousBatch:
             self._wired = None
 
     # --- admission, a piece per step -----------------------------------------------------------------------------
+
+    def _gathered(self) -> bool:
+        """Newcomers to admit now: a group's worth, any while nothing decodes, or one that has waited JOIN_WAIT."""
+        return bool(self.waiting) and (
+            len(self.waiting) >= self.group_size or not len(self.running)
+            or self._clock() - self.waiting[0].arrived >= JOIN_WAIT
+        )  # fmt: skip
 
     def _admit(self) -> list[int]:
         group = self.group
