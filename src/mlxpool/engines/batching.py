@@ -138,7 +138,8 @@ class ContinuousBatch:
             raise ValueError("a sequence needs a token to read and max_tokens > 0")
         cache = as_rows(cache if cache is not None else make_prompt_cache(self.model))
         uid: int = next(self._uids)
-        self.waiting.append(Newcomer(uid, cache, list(cached), list(to_read), sampler, processors, max_tokens, self._clock()))
+        newcomer = Newcomer(uid, cache, list(cached), list(to_read), sampler, processors, max_tokens, self._clock())
+        self.waiting.append(newcomer)
         return uid
 
     def remove(self, uids: list[int]) -> None:
