@@ -139,5 +139,6 @@ def main() -> None:
         args.out.write_text(text + "\n")
     print(text)
 
+
 if __name__ == "__main__":
     main()
