@@ -64,7 +64,8 @@ class RunningBatch(GenerationBatch):
         for i, uid in enumerate(self.uids):
             if i not in kept and uid != GONE:
                 self.uids[i], self.max_tokens[i], self._matchers[i] = GONE, sys.maxsize, NEVER.matcher()
-                self.logits_processors[i] = []
+                if self.logits_processors:
+                    self.logits_processors[i] = []
                 self.gone += 1
         if 4 * self.gone >= len(self.uids):
             self.compact()
