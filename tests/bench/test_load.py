@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+import load
 from load import Lane, Record, memory_verdict, parse_lane, percentile, schedule, summarize
 
 
@@ -56,3 +60,41 @@ def test_memory_verdict_counts_samples_over_the_budget_above_baseline() -> None:
     verdict = memory_verdict([sample(500), sample(1101), sample(900)])
     assert not verdict["within_budget"] and verdict["samples_over_budget"] == 1
     assert verdict["peak"]["active_memory_bytes"] == 1101
+
+
+async def test_a_load_from_its_own_process_runs_around_the_requests_measured_beside_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def embeddings(request: web.Request) -> web.Response:
+        return web.json_response({"data": []})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            await response.write(b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n')
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.add_routes([web.post("/v1/embeddings", embeddings), web.post("/v1/chat/completions", chat)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setattr(load, "LEAD", 3.0)  # the child's start-up on a slow machine
+    try:
+        started = time.perf_counter()
+        chats, probes = await load.beside(
+            f"http://127.0.0.1:{port}", [Lane("chat", 2, "c")], [Lane("embeddings", 1, "e")], 1.0
+        )
+    finally:
+        await runner.cleanup()
+    assert chats and {(r.kind, r.error) for r in chats} == {("chat", None)}
+    assert probes and {(r.kind, r.error) for r in probes} == {("embeddings", None)}
+    assert min(r.started for r in probes) >= started + 3.0
+    # perf_counter is one clock for both processes (CLOCK_MONOTONIC): the load covers the measured second.
+    assert min(r.started for r in chats) < min(r.started for r in probes)
+    assert max(r.started + r.seconds for r in chats) > max(r.started for r in probes)
