@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -160,3 +161,10 @@ async def test_the_server_tells_mlx_which_cuda_attention_to_use(
     monkeypatch.delenv("MLX_CUDA_USE_CUDNN_SDPA", raising=False)
     async with serve(make_settings({}, cudnn_attention=cudnn), loader=FakeLoader({})):
         assert os.environ["MLX_CUDA_USE_CUDNN_SDPA"] == value
+
+
+async def test_the_server_holds_the_gil_switch_interval_it_is_set_to_while_it_serves(serve: ServeFactory) -> None:
+    before = sys.getswitchinterval()
+    async with serve(make_settings({}, gil_switch_interval=0.002), loader=FakeLoader({})):
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    assert sys.getswitchinterval() == pytest.approx(before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -72,6 +73,8 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         choose_cuda_attention(settings.server.cudnn_attention)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(settings.server.gil_switch_interval)
         worker = Worker()
         worker.start()
         gc.freeze()  # start-up objects live forever: keep them out of every later full collection
@@ -89,6 +92,7 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
         finally:
             await pool.close()
             worker.stop()
+            sys.setswitchinterval(switch_interval)
 
     return Starlette(
         routes=routes(),
