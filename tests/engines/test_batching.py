@@ -307,31 +307,6 @@ def test_a_joining_group_drops_the_gone_rows_first(tiny: tuple[Any, Any]) -> Non
     assert out[late] == alone(model, cases[8], 6)
 
 
-def test_while_sequences_decode_a_lone_newcomer_waits_join_wait_for_company(tiny: tuple[Any, Any]) -> None:
-    model, _ = tiny
-    now = [0.0]
-    batch = make_batch(model, max_batch_size=8, group_size=4, clock=lambda: now[0])
-    running = batch.insert([5, 6, 7], None, [], GREEDY, [], 1000)
-    while running not in batch.running.uids:
-        batch.next()
-    lone = batch.insert([8, 9], None, [], GREEDY, [], 5)
-    for _ in range(3):
-        now[0] += batching.JOIN_WAIT / 4
-        assert batch.next()[1] and not batch.group.rows  # decode steps only
-    company = [batch.insert([10 + i, 11], None, [], GREEDY, [], 5) for i in range(2)]
-    now[0] += batching.JOIN_WAIT / 4
-    while lone not in batch.running.uids:
-        batch.next()
-    assert set(company) <= set(batch.running.uids)  # all three joined as one group
-    alone_again = batch.insert([20, 21], None, [], GREEDY, [], 5)
-    for _ in range(3):
-        batch.next()
-    now[0] += batching.JOIN_WAIT
-    for _ in range(4):
-        batch.next()
-    assert alone_again in batch.running.uids
-
-
 def test_with_nothing_decoding_a_newcomer_starts_at_once(tiny: tuple[Any, Any]) -> None:
     model, _ = tiny
     batch = make_batch(model, max_batch_size=8, group_size=4, clock=lambda: 0.0)

@@ -40,9 +40,6 @@ ROWS_PER_PIECE = 8
 nothing, and rows with the same prefix of one prompt cache entry are copied together)."""
 DECODE_GAP = 0.05
 """Seconds that admission pieces may go on back to back while sequences wait for their next decode step."""
-JOIN_WAIT = 0.025
-"""Seconds the first of fewer than `group_size` newcomers waits for others while sequences decode, so that
-several join in one change of the running batch."""
 CLEAR_EVERY = 512
 """Decode steps between returns of MLX's buffer cache, as mlx-lm's generator does."""
 GONE = -1
@@ -92,7 +89,6 @@ class Newcomer:
     sampler: Any
     processors: list[Any]
     max_tokens: int
-    arrived: float
 
 
 @dataclass
@@ -139,8 +135,7 @@ class ContinuousBatch:
             raise ValueError("a sequence needs a token to read and max_tokens > 0")
         cache = as_rows(cache if cache is not None else make_prompt_cache(self.model))
         uid: int = next(self._uids)
-        newcomer = Newcomer(uid, cache, list(cached), list(to_read), sampler, processors, max_tokens, self._clock())
-        self.waiting.append(newcomer)
+        self.waiting.append(Newcomer(uid, cache, list(cached), list(to_read), sampler, processors, max_tokens))
         return uid
 
     def remove(self, uids: list[int]) -> None:
@@ -158,7 +153,7 @@ class ContinuousBatch:
     def next(self) -> tuple[list[int], list[Any]]:
         """One step: (uids that joined the running batch, `GenerationBatch.Response`s of a decode step)."""
         with mx.stream(generation_stream):
-            admitting = (self.group.rows or self._gathered()) and len(self.running) < self.max_batch_size
+            admitting = (self.waiting or self.group.rows) and len(self.running) < self.max_batch_size
             due = self._owed or (self._pieces > 0 and self._clock() - self._decoded_at >= DECODE_GAP)
             if admitting and (not len(self.running) or not due):
                 self._pieces += 1
@@ -186,13 +181,6 @@ class ContinuousBatch:
             self._wired = None
 
     # --- admission, a piece per step -----------------------------------------------------------------------------
-
-    def _gathered(self) -> bool:
-        """Newcomers to admit now: a group's worth, any while nothing decodes, or one that has waited JOIN_WAIT."""
-        return bool(self.waiting) and (
-            len(self.waiting) >= self.group_size or not len(self.running)
-            or self._clock() - self.waiting[0].arrived >= JOIN_WAIT
-        )  # fmt: skip
 
     def _admit(self) -> list[int]:
         group = self.group
