@@ -124,11 +124,11 @@ class ServerSettings(BaseModel):
     H200 host, and a continuous batch meets new combinations all the time (docs/benchmarks.md). Off: MLX's own
     kernels. Sets `MLX_CUDA_USE_CUDNN_SDPA` for the process, unless the environment already sets it."""
 
-    gil_switch_interval: float = Field(default=0.001, gt=0, le=1)
-    """Seconds a thread may hold Python's GIL while another waits for it (Python's default: 0.005). The MLX worker
-    builds each step's graph in Python; when the event loop wakes (a request arrives, a result is ready) it waits up
-    to this long for the GIL, several times per request. 1 ms cut the embedding p99 under 64 chat streams by about
-    a fifth on the measured H200 host, chat throughput unchanged (docs/benchmarks.md)."""
+    gil_switch_interval: float = Field(default=0.005, gt=0, le=1)
+    """Seconds a thread may hold Python's GIL while another waits for it (0.005 is Python's own default). The MLX
+    worker builds each step's graph in Python, and whenever the event loop wakes (a request arrives, a result is
+    ready) it may wait this long for the GIL. On the measured H200 host, 0.001 cut the embedding p99 under 64 chat
+    streams by about a fifth but cost a single chat stream about a quarter of its tokens/s (docs/benchmarks.md)."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
 
