@@ -314,3 +314,15 @@ def test_with_nothing_decoding_a_newcomer_starts_at_once(tiny: tuple[Any, Any]) 
     for _ in range(3):
         batch.next()
     assert uid in batch.running.uids
+
+
+def test_a_gone_row_samples_with_the_live_rows_sampler(tiny: tuple[Any, Any]) -> None:
+    """One sampler object for the whole batch is one batched sampling call; a gone row must not split it."""
+    model, _ = tiny
+    batch = make_batch(model, max_batch_size=8, group_size=8)
+    other = Sampler(0.0)
+    for i, p in enumerate(prompts(8, seed=14)):
+        batch.insert(p, None, [], other if i == 0 else GREEDY, [], 3 if i == 0 else 40)
+    while len(batch.running) != 7:
+        batch.next()
+    assert len(batch.running.uids) == 8 and all(s is GREEDY for s in batch.running.samplers)

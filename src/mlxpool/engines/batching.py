@@ -49,7 +49,7 @@ NEVER = StopSequences([])
 
 class RunningBatch(GenerationBatch):
     """mlx-lm's `GenerationBatch` whose finished (or removed) rows stay, decoding unseen, until they are a quarter
-    of the rows or a batch joins; then all are dropped in one change. `len()` counts the live rows."""
+    of the rows or a group joins; then all are dropped in one change. `len()` counts the live rows."""
 
     gone = 0
 
@@ -57,12 +57,18 @@ class RunningBatch(GenerationBatch):
         return len(self.uids) - self.gone
 
     def filter(self, keep: list[int]) -> None:
+        """Mark the rows not in `keep` gone: they never stop, run no logits processors, and sample with a live row's
+        sampler (one sampler for the whole batch is one batched call)."""
         kept = set(keep)
+        samplers = self.samplers or []
+        live = next((samplers[i] for i in keep if self.uids[i] != GONE), None)
         for i, uid in enumerate(self.uids):
             if i not in kept and uid != GONE:
                 self.uids[i], self.max_tokens[i], self._matchers[i] = GONE, sys.maxsize, NEVER.matcher()
                 if self.logits_processors:
                     self.logits_processors[i] = []
+                if live is not None:
+                    samplers[i] = live
                 self.gone += 1
         if 4 * self.gone >= len(self.uids):
             self.compact()
