@@ -74,6 +74,8 @@ class FakeEngine:
         return self.pending > 0
 
     def trim_cache(self, max_bytes: int) -> None:
+        if self.closed:  # as a real engine, whose close() drops its caches
+            raise AttributeError("a closed engine has no cache")
         self.trims.append(max_bytes)
         self.cache_bytes = min(self.cache_bytes, max_bytes)
 

@@ -359,6 +359,29 @@ async def test_caches_are_trimmed_before_any_model_is_evicted(make_pool: PoolFac
     assert pool.used() <= pool.budget
 
 
+async def test_a_trim_the_worker_reaches_after_the_models_unload_leaves_the_closed_engine_alone(
+    make_pool: PoolFactory,
+) -> None:
+    """The worker runs the newest job first, so an unload asked for while a trim waits for the worker closes the
+    engine before the trim runs (seen in the soak test: a load failed with the closed engine's AttributeError)."""
+    loader = FakeLoader({"a": MB})
+    pool = make_pool({"a": {}}, loader)
+    await use(pool, "a")
+    engine = loader.engines["a"]
+    engine.cache_bytes = MB
+    gate = threading.Event()
+    busy = asyncio.ensure_future(pool.worker.call(lambda: gate.wait(5)))
+    await asyncio.sleep(0.05)  # the worker is inside the gate job
+    trimming = asyncio.ensure_future(pool._trim_caches(MB))
+    await asyncio.sleep(0)  # the trim is queued
+    unloading = pool._start_unload(pool.entries["a"], "evicted")
+    await asyncio.sleep(0)  # and the unload after it
+    gate.set()
+    await asyncio.gather(busy, trimming, unloading)
+    assert engine.closed and not engine.trims
+    assert state(pool, "a") is ModelState.ABSENT
+
+
 async def test_a_model_is_evicted_when_trimming_its_cache_is_not_enough(make_pool: PoolFactory) -> None:
     loader = FakeLoader({"a": MB, "b": 2 * MB})
     pool = make_pool({"a": {}, "b": {}}, loader, budget=3 * MB)

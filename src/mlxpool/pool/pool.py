@@ -291,7 +291,7 @@ class ModelPool:
             if engine is None or not before:  # unloaded meanwhile
                 continue
             target = max(0, before - (need - freed))
-            await self.worker.call(lambda: engine.trim_cache(target))  # noqa: B023 (awaited at once)
+            await self.worker.call(lambda: _trim(entry, engine, target))  # noqa: B023 (awaited at once)
             freed += before - engine.cache_bytes
             if freed >= need:
                 break
@@ -431,6 +431,13 @@ class ModelPool:
         """Wake everything waiting for a lease to end or a transition to finish."""
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _trim(entry: ModelEntry, engine: Engine, max_bytes: int) -> None:
+    """Trim `engine`'s cache, unless its unload has begun (worker only: the worker runs the newest job first, so an
+    unload asked for after this trim may already have closed the engine)."""
+    if entry.engine is engine:
+        engine.trim_cache(max_bytes)
 
 
 def _free(engine: Engine, size: int) -> int:
