@@ -61,7 +61,7 @@ class RunningBatch(GenerationBatch):
         sampler (one sampler for the whole batch is one batched call)."""
         kept = set(keep)
         samplers = self.samplers or []
-        live = next((samplers[i] for i in keep if self.uids[i] != GONE), None)
+        live = next((samplers[i] for i in keep if self.uids[i] != GONE), None) if samplers else None
         for i, uid in enumerate(self.uids):
             if i not in kept and uid != GONE:
                 self.uids[i], self.max_tokens[i], self._matchers[i] = GONE, sys.maxsize, NEVER.matcher()
