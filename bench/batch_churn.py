@@ -10,7 +10,7 @@ before every step; each step is timed (wall and the thread's CPU):
 - steady: no change;
 - swap: one sequence leaves and one joins (the size stays);
 - alternate: one leaves, then one joins (the size moves by one every step);
-- cycle: the size moves over 17 values, every step;
+- cycle: the size moves over 17 values (fewer for batches under 17 rows), every step;
 - overwrite: one sequence's cache rows are overwritten in place (the shapes stay): what reusing a finished
   sequence's slot would cost.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import chat
+from load import percentile
 
 ENVS = {
     "default": {},
@@ -41,10 +41,7 @@ ENVS = {
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50": round(statistics.median(ordered), 2), "p90": round(pick(0.9), 2), "p99": round(pick(0.99), 2),
-            "max": round(ordered[-1], 2)}  # fmt: skip
+    return {f"p{q}": round(percentile(values, q) or 0.0, 2) for q in (50, 90, 99, 100)}
 
 
 def run_patterns(shape: str, rows: int, steps: int, prompt: int) -> dict[str, Any]:
@@ -79,7 +76,7 @@ def run_patterns(shape: str, rows: int, steps: int, prompt: int) -> dict[str, An
             c.offset[row] = prompt
 
     def size_for(i: int) -> int:
-        return rows - 16 + (i * 7) % 17
+        return rows - (i * 7) % min(17, rows)
 
     def resize(target: int) -> None:
         if target < len(batch.running):
@@ -110,7 +107,6 @@ def run_patterns(shape: str, rows: int, steps: int, prompt: int) -> dict[str, An
             walls.append(1000 * (time.perf_counter() - wall))
             cpus.append(1000 * (time.thread_time() - cpu))
         result[name] = {"wall_ms": percentiles(walls), "cpu_ms": percentiles(cpus), "rows_at_end": len(batch.running)}
-        batch.running.filter(list(range(len(batch.running))))  # keep the context from growing without bound
     return result
 
 

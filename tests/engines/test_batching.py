@@ -307,15 +307,6 @@ def test_a_joining_group_drops_the_gone_rows_first(tiny: tuple[Any, Any]) -> Non
     assert out[late] == alone(model, cases[8], 6)
 
 
-def test_with_nothing_decoding_a_newcomer_starts_at_once(tiny: tuple[Any, Any]) -> None:
-    model, _ = tiny
-    batch = make_batch(model, max_batch_size=8, group_size=4, clock=lambda: 0.0)
-    uid = batch.insert([5, 6, 7], None, [], GREEDY, [], 3)
-    for _ in range(3):
-        batch.next()
-    assert uid in batch.running.uids
-
-
 def test_a_gone_row_samples_with_the_live_rows_sampler(tiny: tuple[Any, Any]) -> None:
     """One sampler object for the whole batch is one batched sampling call; a gone row must not split it."""
     model, _ = tiny
