@@ -211,6 +211,10 @@ class ModelSpec(BaseModel):
     prompt_cache_size: int = Field(default=8, ge=0)
     """Chat: finished conversations whose KV cache is kept to reuse their prefix (multi-turn); 0: off. Their bytes
     count against the memory budget and are trimmed (oldest first) before any model is evicted."""
+    warmup: bool = True
+    """Chat (text models) and embedding: run the model a little at load (chat: a few tokens through each path
+    serving takes), so that GPU kernels are compiled then and not inside the first requests' steps (seconds each on
+    a machine whose MLX kernel cache is empty)."""
     prompt: str | None = None
     """OCR: the instruction sent with an image when the request gives no text (`OCR:` if unset)."""
     voice: str | None = None

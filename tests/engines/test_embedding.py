@@ -104,3 +104,22 @@ async def test_bucketed_batches_give_the_same_vectors(worker: Worker, tiny_model
     bucketed = await engine.embed(sequences)
     assert bucketed.shape == exact.shape and np.isfinite(bucketed).all()
     np.testing.assert_allclose(bucketed, exact, atol=2e-3)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+async def test_a_load_runs_one_forward_pass_to_warm_up_unless_told_not_to(
+    worker: Worker, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, warmup: bool
+) -> None:
+    shapes: list[list[int]] = []
+    forward = EmbeddingEngine._forward
+
+    def spy(engine: EmbeddingEngine, sequences: list[list[int]]) -> np.ndarray:
+        shapes.append([len(s) for s in sequences])
+        return forward(engine, sequences)
+
+    monkeypatch.setattr(EmbeddingEngine, "_forward", spy)
+    engine = await load(worker, tiny_models["qwen3"], warmup=warmup)
+    assert len(shapes) == (1 if warmup else 0)
+    if warmup:
+        assert len(set(shapes[0])) == 2  # two lengths: the padding mask's kernels too
+    assert engine.batches == 0 and engine.sequences == 0

@@ -122,6 +122,8 @@ class ContinuousBatch:
         self.waiting: deque[Newcomer] = deque()
         self.group = Group()
         self.decode_steps = 0
+        self.joins = 0
+        """Groups that joined the running batch."""
         self._clock = clock
         self._decoded_at = 0.0
         """When the last decode step ended."""
@@ -243,6 +245,7 @@ class ContinuousBatch:
         """The group's first token; it joins the running batch, whose next decode step returns that token."""
         group, self.group = self.group, Group()
         self.running.extend(group.batch.generate([n.to_read for n in group.rows]))
+        self.joins += 1
         self._owed = True
         return [n.uid for n in group.rows]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import deque
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -23,9 +24,12 @@ from mlxpool.engines.sampling import shared_sampler
 from mlxpool.engines.sequences import SOLO, Delta, SamplingParams, Sequence, TokenLogprob, failure, post
 from mlxpool.engines.solo import SoloDecoder
 from mlxpool.engines.structured import GrammarProcessor, llg_tokenizer
+from mlxpool.engines.warmup import warm_up
 from mlxpool.engines.weights import materialize
 from mlxpool.errors import GenerationError
 from mlxpool.worker import Task, Worker
+
+log = logging.getLogger(__name__)
 
 ADMITS_PER_STEP = 8
 """Newcomers handed to the batch per step (prompt cache lookups, samplers): a burst of requests is spread over a few
@@ -363,14 +367,18 @@ class ChatEngine:
 
 
 def load_chat(spec: ModelSpec, path: Path, worker: Worker) -> Task[ChatEngine]:
-    """Load lazily with mlx-lm, then materialize the weights a slice per step."""
+    """Load lazily with mlx-lm, materialize the weights a slice per step, then warm up (engines/warmup.py)."""
     from mlx_lm import load
 
     model, tokenizer = load(str(path), lazy=True)[:2]
     yield
     yield from materialize(model)
     config = json.loads((path / "config.json").read_text())
-    return ChatEngine(model, tokenizer, spec, config, worker)
+    engine = ChatEngine(model, tokenizer, spec, config, worker)
+    if spec.warmup:
+        done = yield from warm_up(engine)
+        log.info("model %r warmed up: %d tokens in %d steps, %.2f s", spec.name, done.tokens, done.steps, done.seconds)
+    return engine
 
 
 __all__ = ["SOLO", "ChatEngine", "Delta", "SamplingParams", "Sequence", "TokenLogprob", "load_chat"]

@@ -187,7 +187,11 @@ def load_embedding(spec: ModelSpec, path: Path, worker: Worker) -> Task[Embeddin
     yield
     yield from materialize(model)
     config = json.loads((path / "config.json").read_text())
-    return EmbeddingEngine(model, tokenizer, spec, config, worker)
+    engine = EmbeddingEngine(model, tokenizer, spec, config, worker)
+    if spec.warmup:  # one batch of two lengths: its kernels compile now, not in the first request
+        yield
+        engine._forward([engine.wrap_ids([[engine.pad_id] * 3])[0], engine.wrap_ids([[engine.pad_id]])[0]])
+    return engine
 
 
 def batch_shape(rows: int, width: int, bucket: bool) -> tuple[int, int]:

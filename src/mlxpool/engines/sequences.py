@@ -67,7 +67,8 @@ class Sequence:
     """What a vision model reads besides the text (see engines/vision.py)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    loop: asyncio.AbstractEventLoop | None = field(default_factory=asyncio.get_running_loop)
+    """None for the engine's own warm-up sequences (engines/warmup.py): their deltas go nowhere."""
 
 
 def failure(sequence: Sequence, exc: Exception) -> Delta:
@@ -79,7 +80,8 @@ def post(deltas: list[tuple[Sequence, Delta]]) -> None:
     wake-up makes the loop thread take the GIL while the worker still wants it)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
     for sequence, delta in deltas:
-        by_loop.setdefault(sequence.loop, []).append((sequence.queue, delta))
+        if sequence.loop is not None:
+            by_loop.setdefault(sequence.loop, []).append((sequence.queue, delta))
     for loop, items in by_loop.items():
         loop.call_soon_threadsafe(_put_all, items)
 
