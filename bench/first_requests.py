@@ -55,11 +55,9 @@ def one_arm(shape: str, chat_path: Path, embedding_path: Path, warmup: bool, str
     process, ready_s = start(config, workdir, port, kernel_dir)
     result: dict[str, Any] = {"warmup": warmup, "ready_s": round(ready_s, 2), "kernels_at_ready": kernels(kernel_dir)}
     try:
+        chat_lane, probe_lane = load.Lane("chat", streams, "chat"), load.Lane("embeddings", 1, "embedding")
         for name in ("first", "again"):
-            chat_records, probe_records = asyncio.run(
-                load.beside(url, [load.Lane("chat", streams, "chat")], [load.Lane("embeddings", 1, "embedding")],
-                            seconds)  # fmt: skip
-            )
+            chat_records, probe_records = asyncio.run(load.beside(url, [chat_lane], [probe_lane], seconds))
             summary = load.summarize(chat_records, seconds + load.LEAD) | load.summarize(probe_records, seconds)
             summary["kernels_after"] = kernels(kernel_dir)
             summary["chat"]["first_token_ms"]["max"] = max(
