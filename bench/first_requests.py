@@ -25,8 +25,8 @@ import embeddings
 import load
 
 
-def kernels(directory: Path) -> int:
-    return sum(1 for _ in directory.rglob("*.ptx"))
+def kernels(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*.ptx"))
 
 
 def start(config: str, workdir: Path, port: int, kernel_dir: Path) -> tuple[subprocess.Popen[bytes], float]:
@@ -40,7 +40,7 @@ def start(config: str, workdir: Path, port: int, kernel_dir: Path) -> tuple[subp
     return process, time.perf_counter() - started
 
 
-def one_arm(shape: str, chat_path: Path, embedding_path: Path, warmup: bool, streams: int, seconds: float,
+def one_arm(chat_path: Path, embedding_path: Path, warmup: bool, streams: int, seconds: float,
             workdir: Path) -> dict[str, Any]:  # fmt: skip
     kernel_dir = workdir / f"kernels-{'warm' if warmup else 'cold'}"
     kernel_dir.mkdir()
@@ -53,13 +53,17 @@ def one_arm(shape: str, chat_path: Path, embedding_path: Path, warmup: bool, str
     port = chat.free_port()
     url = f"http://127.0.0.1:{port}"
     process, ready_s = start(config, workdir, port, kernel_dir)
-    result: dict[str, Any] = {"warmup": warmup, "ready_s": round(ready_s, 2), "kernels_at_ready": kernels(kernel_dir)}
+    at_ready = kernels(kernel_dir)
+    result: dict[str, Any] = {"warmup": warmup, "ready_s": round(ready_s, 2), "kernels_at_ready": len(at_ready)}
+    seen = set(at_ready)
     try:
         chat_lane, probe_lane = load.Lane("chat", streams, "chat"), load.Lane("embeddings", 1, "embedding")
         for name in ("first", "again"):
             chat_records, probe_records = asyncio.run(load.beside(url, [chat_lane], [probe_lane], seconds))
             summary = load.summarize(chat_records, seconds + load.LEAD) | load.summarize(probe_records, seconds)
-            summary["kernels_after"] = kernels(kernel_dir)
+            now = kernels(kernel_dir)
+            summary["kernels_after"], summary["kernels_compiled"] = len(now), [k for k in now if k not in seen]
+            seen.update(now)
             summary["chat"]["first_token_ms"]["max"] = max(
                 (1000 * r.first_token for r in chat_records if r.first_token is not None), default=None
             )
@@ -87,7 +91,7 @@ def main() -> None:
         embedding_path = embeddings.build_model(args.shape, workdir / "embedding")
         for arm in args.arms.split(","):
             result["arms"].append(
-                one_arm(args.shape, chat_path, embedding_path, arm == "warm", args.streams, args.seconds, workdir)
+                one_arm(chat_path, embedding_path, arm == "warm", args.streams, args.seconds, workdir)
             )
     text = json.dumps(result, indent=2, default=str)
     print(text)

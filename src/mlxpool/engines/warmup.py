@@ -51,13 +51,14 @@ def warm_up(engine: ChatEngine) -> Task[WarmUp]:
     vocab = max(2, min(engine.vocab_size, len(engine.tokenizer.vocab)))
     prompt = [(7 * i + 3) % vocab for i in range(PROMPT_TOKENS)]
     greedy = SamplingParams(max_tokens=3, temperature=0.0)
-    sampled = SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9)
+    sampled = SamplingParams(max_tokens=6, temperature=0.7)
+    nucleus = SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9)  # each filter compiles its own kernels
     # (sequences that arrive, worker steps before the next arrive; None: until the engine is idle)
     waves = [
         ([_sequence(engine, prompt, greedy)], None),  # alone; leaves its KV in the prompt cache
-        ([_sequence(engine, [*prompt, 5, 6, 7], sampled)], 2),  # alone, from that cached prefix...
+        ([_sequence(engine, [*prompt, 5, 6, 7], nucleus)], 2),  # alone, from that cached prefix...
         ([_sequence(engine, prompt, greedy), _sequence(engine, prompt[:5], sampled)], 3),  # ...handed to a batch
-        ([_sequence(engine, prompt[3:], greedy)], None),  # a group joining the running batch; rows finish
+        ([_sequence(engine, prompt[3:], sampled), _sequence(engine, prompt[2:], sampled)], None),  # a group joins
     ]
     steps, started = 0, time.perf_counter()
     try:
