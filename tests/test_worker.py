@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import pytest
 
-from mlxpool.worker import Task, Worker, choose_cuda_attention
+from mlxpool.worker import GilSlices, Task, Worker, choose_cuda_attention
 from tests.fakes import FakeEngine
 
 
@@ -107,3 +110,60 @@ def test_cuda_attention_is_chosen_unless_the_environment_chose() -> None:
     fresh: dict[str, str] = {}
     choose_cuda_attention(True, fresh)
     assert fresh == {"MLX_CUDA_USE_CUDNN_SDPA": "1"}
+
+
+def test_gil_slices_are_short_while_two_items_have_work_and_for_a_hold_after() -> None:
+    now = [0.0]
+    gil = GilSlices(alone=0.005, shared=0.001, hold=1.0, clock=lambda: now[0])
+    assert gil.observe(1) == 0.005
+    assert gil.observe(2) == 0.001
+    now[0] = 0.9
+    assert gil.observe(1) == 0.001  # the other model's next request is likely on its way
+    now[0] = 1.1
+    assert gil.observe(1) == 0.005
+    assert gil.observe(0) == 0.005
+
+
+@dataclass
+class IntervalEngine(FakeEngine):
+    intervals: list[float] = field(default_factory=list)
+
+    def step(self) -> None:
+        self.intervals.append(sys.getswitchinterval())
+        super().step()
+
+
+@pytest.fixture
+def switch_interval() -> Iterator[None]:
+    before = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("switch_interval")
+async def test_the_worker_shortens_gil_slices_while_two_engines_have_work() -> None:
+    now = [0.0]
+    worker = Worker(GilSlices(alone=0.004, shared=0.0015, hold=1.0, clock=lambda: now[0]))
+    a, b = IntervalEngine("a", None), IntervalEngine("b", None)
+    worker.start()
+    try:
+        worker.add_engine(a)
+        worker.add_engine(b)
+
+        async def run(*work: tuple[IntervalEngine, int]) -> None:
+            for engine, steps in work:
+                engine.pending = steps
+            worker.wake()
+            while any(engine.pending for engine, _ in work):
+                await asyncio.sleep(0.001)
+
+        await run((a, 2))
+        assert a.intervals == [pytest.approx(0.004)] * 2
+        await run((a, 3), (b, 3))
+        assert a.intervals[2] == b.intervals[0] == pytest.approx(0.0015)
+        now[0] = 2.0
+        a.intervals.clear()
+        await run((a, 2))
+        assert a.intervals == [pytest.approx(0.004)] * 2
+    finally:
+        worker.stop()

@@ -125,10 +125,15 @@ class ServerSettings(BaseModel):
     kernels. Sets `MLX_CUDA_USE_CUDNN_SDPA` for the process, unless the environment already sets it."""
 
     gil_switch_interval: float = Field(default=0.005, gt=0, le=1)
-    """Seconds a thread may hold Python's GIL while another waits for it (0.005 is Python's own default). The MLX
-    worker builds each step's graph in Python, and whenever the event loop wakes (a request arrives, a result is
-    ready) it may wait this long for the GIL. On the measured H200 host, 0.001 cut the embedding p99 under 64 chat
-    streams by about a fifth but cost a single chat stream about a quarter of its tokens/s (docs/benchmarks.md)."""
+    """Seconds a thread may hold Python's GIL while another waits for it (0.005 is Python's own default), while
+    one model has work. The MLX worker builds each step's graph in Python, and whenever the event loop wakes (a
+    request arrives, a result is ready) it may wait this long for the GIL. On the measured H200 host, 0.001 cost a
+    single chat stream about a quarter of its tokens/s (docs/benchmarks.md)."""
+    shared_gil_switch_interval: float = Field(default=0.001, gt=0, le=1)
+    """The same, while two or more models (or a model and a load) have had work within the last second: shorter
+    slices let the event loop answer one model's requests while another decodes. On the measured H200 host, 0.001
+    cut the embedding p99 under 64 chat streams by about a fifth (docs/benchmarks.md). Equal to
+    `gil_switch_interval`: one interval throughout."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
 

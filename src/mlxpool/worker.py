@@ -13,7 +13,9 @@ import asyncio
 import gc
 import logging
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Generator, MutableMapping
 from typing import Any, Protocol, TypeVar
 
@@ -29,6 +31,27 @@ def choose_cuda_attention(cudnn: bool, environ: MutableMapping[str, str] = os.en
     """Whether MLX's CUDA backend reads prompts with cuDNN's attention (see `ServerSettings.cudnn_attention`). MLX
     reads the variable once, at its first attention, so this runs before any model does; a value already set wins."""
     environ.setdefault("MLX_CUDA_USE_CUDNN_SDPA", "1" if cudnn else "0")
+
+
+class GilSlices:
+    """How long a thread may hold Python's GIL while another waits: `shared` seconds while two or more items have
+    had work on the worker within the last `hold` seconds, `alone` otherwise. The worker builds each step's graph
+    in Python; short slices let the event loop answer one model's requests while another model decodes, and a
+    model working alone keeps the longer slices its throughput needs."""
+
+    def __init__(self, alone: float, shared: float, hold: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.alone = alone
+        self.shared = shared
+        self.hold = hold
+        self._clock = clock
+        self._shared_until = -float("inf")
+
+    def observe(self, runnable: int) -> float:
+        """The interval to use now that `runnable` items have work."""
+        now = self._clock()
+        if runnable > 1:
+            self._shared_until = now + self.hold
+        return self.shared if now < self._shared_until else self.alone
 
 
 class Steppable(Protocol):
@@ -77,8 +100,9 @@ class Job:
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, gil: GilSlices | None = None) -> None:
         self._wake = threading.Condition()
+        self._gil = gil
         self._items: list[Job | Steppable] = []
         """Jobs and engines, least recently stepped first."""
         self._stopping = False
@@ -134,12 +158,20 @@ class Worker:
         """The runnable item stepped least recently (it moves to the back), or None when stopping."""
         with self._wake:
             while not self._stopping:
-                for i, item in enumerate(self._items):
-                    if _runnable(item):
-                        self._items.append(self._items.pop(i))
-                        return item
+                runnable = [i for i, item in enumerate(self._items) if _runnable(item)]
+                if runnable:
+                    self._pace(len(runnable))
+                    item = self._items.pop(runnable[0])
+                    self._items.append(item)
+                    return item
                 self._wake.wait()
             return None
+
+    def _pace(self, runnable: int) -> None:
+        if self._gil is not None:
+            interval = self._gil.observe(runnable)
+            if interval != sys.getswitchinterval():
+                sys.setswitchinterval(interval)
 
     def _run(self) -> None:
         self.baseline_memory = self.active_memory = mx.get_active_memory()

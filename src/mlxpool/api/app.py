@@ -25,7 +25,7 @@ from mlxpool.config import Settings, parse_size
 from mlxpool.device import machine_memory, usable_memory
 from mlxpool.engines import Loader, load_engine
 from mlxpool.pool import ModelPool
-from mlxpool.worker import Worker, choose_cuda_attention
+from mlxpool.worker import GilSlices, Worker, choose_cuda_attention
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
         choose_cuda_attention(settings.server.cudnn_attention)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.server.gil_switch_interval)
-        worker = Worker()
+        worker = Worker(GilSlices(settings.server.gil_switch_interval, settings.server.shared_gil_switch_interval))
         worker.start()
         gc.freeze()  # start-up objects live forever: keep them out of every later full collection
         budget = parse_size(settings.server.memory_budget, await worker.call(usable_memory))
