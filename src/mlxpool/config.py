@@ -132,7 +132,7 @@ class ServerSettings(BaseModel):
     shared_gil_switch_interval: float = Field(default=0.001, gt=0, le=1)
     """The same, while two or more models (or a model and a load) have had work within the last second: shorter
     slices let the event loop answer one model's requests while another decodes. On the measured H200 host, 0.001
-    cut the embedding p99 under 64 chat streams by about a fifth (docs/benchmarks.md). Equal to
+    against 0.005 lowered the embedding p99 under 64 chat streams by about 12% (docs/benchmarks.md). Equal to
     `gil_switch_interval`: one interval throughout."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
