@@ -160,7 +160,8 @@ async def test_the_worker_shortens_gil_slices_while_two_engines_have_work() -> N
         await run((a, 2))
         assert a.intervals == [pytest.approx(0.004)] * 2
         await run((a, 3), (b, 3))
-        assert a.intervals[2] == b.intervals[0] == pytest.approx(0.0015)
+        # a may take one step alone before b's work is set; from b's first step on, both have work
+        assert b.intervals[0] == a.intervals[-1] == pytest.approx(0.0015)
         now[0] = 2.0
         a.intervals.clear()
         await run((a, 2))
