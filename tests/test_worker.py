@@ -3,13 +3,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import pytest
 
-from mlxpool.worker import GilSlices, Task, Worker, choose_cuda_attention
+from mlxpool.worker import Company, GilSlices, Task, Worker, choose_cuda_attention
 from tests.fakes import FakeEngine
 
 
@@ -112,16 +112,16 @@ def test_cuda_attention_is_chosen_unless_the_environment_chose() -> None:
     assert fresh == {"MLX_CUDA_USE_CUDNN_SDPA": "1"}
 
 
-def test_gil_slices_are_short_while_two_items_have_work_and_for_a_hold_after() -> None:
+def test_the_worker_has_company_while_two_items_have_work_and_for_a_hold_after() -> None:
     now = [0.0]
-    gil = GilSlices(alone=0.005, shared=0.001, hold=1.0, clock=lambda: now[0])
-    assert gil.observe(1) == 0.005
-    assert gil.observe(2) == 0.001
+    company = Company(hold=1.0, clock=lambda: now[0])
+    assert not company.observe(1)
+    assert company.observe(2)
     now[0] = 0.9
-    assert gil.observe(1) == 0.001  # the other model's next request is likely on its way
+    assert company.observe(1)  # the other model's next request is likely on its way
     now[0] = 1.1
-    assert gil.observe(1) == 0.005
-    assert gil.observe(0) == 0.005
+    assert not company.observe(1)
+    assert not company.observe(0)
 
 
 @dataclass
@@ -143,7 +143,7 @@ def switch_interval() -> Iterator[None]:
 @pytest.mark.usefixtures("switch_interval")
 async def test_the_worker_shortens_gil_slices_while_two_engines_have_work() -> None:
     now = [0.0]
-    worker = Worker(GilSlices(alone=0.004, shared=0.0015, hold=1.0, clock=lambda: now[0]))
+    worker = Worker(GilSlices(alone=0.004, shared=0.0015), clock=lambda: now[0])
     a, b = IntervalEngine("a", None), IntervalEngine("b", None)
     worker.start()
     try:
@@ -168,3 +168,58 @@ async def test_the_worker_shortens_gil_slices_while_two_engines_have_work() -> N
         assert a.intervals == [pytest.approx(0.004)] * 2
     finally:
         worker.stop()
+
+
+@dataclass
+class PiecesEngine(FakeEngine):
+    """A step in three pieces, handing the worker over between them; `arrive` runs after the first piece."""
+
+    worker: Worker | None = None
+    arrive: Callable[[], None] = lambda: None
+
+    def step(self) -> None:
+        for piece in range(3):
+            self.steps.append(f"{self.name}{piece}")
+            if piece == 0:
+                self.arrive()
+            if piece < 2 and self.worker is not None:
+                self.worker.between_pieces()
+        super().step()
+
+
+async def test_engines_with_work_step_between_the_pieces_of_another_step(worker: Worker) -> None:
+    order: list[str] = []
+    loading = threading.Event()
+
+    def load() -> Task[str]:
+        loading.set()
+        while "long" not in order:  # until `long` has taken its step
+            order.append("load")
+            yield
+        return "loaded"
+
+    def arrive() -> None:  # work for the other engine and the load arrive while `long` is in its step
+        quick.pending = 2
+
+    long = PiecesEngine("long", None, steps=order, worker=worker, arrive=arrive)
+    quick = PiecesEngine("quick", None, steps=order, worker=worker)  # its own pieces do not hand over again
+    worker.add_engine(long)
+    worker.add_engine(quick)
+    job = asyncio.ensure_future(worker.run(load()))
+    await asyncio.to_thread(loading.wait, 5)
+    order.clear()
+    long.pending = 1
+    worker.wake()
+    await job
+    step = order[order.index("long0") : order.index("long") + 1]
+    quick_step = ["quick0", "quick1", "quick2", "quick"]
+    assert step == ["long0", *quick_step, "long1", *quick_step, "long2", "long"], order
+    assert worker.steps_between == 2
+
+
+def test_between_pieces_does_nothing_off_the_worker_thread() -> None:
+    worker = Worker()
+    quick = FakeEngine("quick", None, pending=1)
+    worker.add_engine(quick)
+    worker.between_pieces()
+    assert quick.pending == 1

@@ -3,7 +3,9 @@
 Work arrives as steps. A `Job` is a generator run one `next()` per step (a model load yields between weight
 slices); an engine is a `Steppable` that does one bounded unit of its pending work per step (one embedding
 micro-batch). Each step goes to the runnable item served least recently, so work that arrives while another
-engine's step runs goes next, after that one step; nothing holds the worker for longer.
+engine's step runs goes next, after that one step; nothing holds the worker for longer. A text model's decode step
+goes further: it hands over between pieces of its forward pass while other models have work (`between_pieces`,
+engines/pieces.py), so an embedding waits for a piece of a step, not a whole one.
 Results go back to the event loop with `call_soon_threadsafe`.
 """
 
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Generator, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import mlx.core as mx
@@ -33,25 +36,32 @@ def choose_cuda_attention(cudnn: bool, environ: MutableMapping[str, str] = os.en
     environ.setdefault("MLX_CUDA_USE_CUDNN_SDPA", "1" if cudnn else "0")
 
 
-class GilSlices:
-    """How long a thread may hold Python's GIL while another waits: `shared` seconds while two or more items have
-    had work on the worker within the last `hold` seconds, `alone` otherwise. The worker builds each step's graph
-    in Python; short slices let the event loop answer one model's requests while another model decodes, and a
-    model working alone keeps the longer slices its throughput needs."""
+class Company:
+    """Whether other items keep the worker's current one company: true while two or more items have had work within
+    the last `hold` seconds (the other model's next request is likely on its way)."""
 
-    def __init__(self, alone: float, shared: float, hold: float = 1.0, clock: Callable[[], float] = time.monotonic):
-        self.alone = alone
-        self.shared = shared
+    def __init__(self, hold: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.hold = hold
         self._clock = clock
-        self._shared_until = -float("inf")
+        self._until = -float("inf")
 
-    def observe(self, runnable: int) -> float:
-        """The interval to use now that `runnable` items have work."""
+    def observe(self, runnable: int) -> bool:
+        """Whether the worker is shared, now that `runnable` items have work."""
         now = self._clock()
         if runnable > 1:
-            self._shared_until = now + self.hold
-        return self.shared if now < self._shared_until else self.alone
+            self._until = now + self.hold
+        return now < self._until
+
+
+@dataclass(frozen=True)
+class GilSlices:
+    """How long a thread may hold Python's GIL while another waits: `shared` seconds while the worker has company,
+    `alone` otherwise. The worker builds each step's graph in Python; short slices let the event loop answer one
+    model's requests while another model decodes, and a model working alone keeps the longer slices its throughput
+    needs."""
+
+    alone: float
+    shared: float
 
 
 class Steppable(Protocol):
@@ -100,11 +110,18 @@ class Job:
 
 
 class Worker:
-    def __init__(self, gil: GilSlices | None = None) -> None:
+    def __init__(self, gil: GilSlices | None = None, pieces: int = 1, clock: Callable[[], float] = time.monotonic):
         self._wake = threading.Condition()
         self._gil = gil
+        self.pieces = pieces
+        """Pieces a text model's forward pass is cut into while the worker has company (engines/pieces.py)."""
+        self._company = Company(clock=clock)
+        self.shared = False
+        """Two or more items have had work lately (set before each step)."""
         self._items: list[Job | Steppable] = []
         """Jobs and engines, least recently stepped first."""
+        self._current: Job | Steppable | None = None
+        self._between = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self.active_memory = 0
@@ -112,6 +129,8 @@ class Worker:
         self.baseline_memory = 0
         """MLX active memory when the worker started, before any model: what the budget comes on top of."""
         self.steps = 0
+        self.steps_between = 0
+        """Engine steps run between the pieces of another item's step."""
 
     def start(self) -> None:
         self._thread.start()
@@ -154,6 +173,30 @@ class Worker:
         value, _ = await self.run(task())
         return value
 
+    def between_pieces(self) -> None:
+        """Called by the item stepping now, between pieces of its step (worker only): every other engine with work
+        takes a step here, on MLX's default stream, so it waits for a piece rather than the whole step. Jobs (model
+        loads) keep their turn between whole steps; a step taken here does not hand over again."""
+        if self._current is None or self._between or threading.current_thread() is not self._thread:
+            return
+        self._between = True
+        try:
+            with mx.stream(mx.default_stream(mx.default_device())):
+                for engine in self._waiting_engines():
+                    self._step(engine)
+                    self.steps_between += 1
+        finally:
+            self._between = False
+
+    def _waiting_engines(self) -> list[Steppable]:
+        """The engines other than the current item that have work, least recently stepped first (they move back)."""
+        with self._wake:
+            engines = [i for i in self._items if i is not self._current and not isinstance(i, Job) and i.has_work()]
+            for engine in engines:
+                self._items.remove(engine)
+                self._items.append(engine)
+        return engines
+
     def _next(self) -> Job | Steppable | None:
         """The runnable item stepped least recently (it moves to the back), or None when stopping."""
         with self._wake:
@@ -168,23 +211,31 @@ class Worker:
             return None
 
     def _pace(self, runnable: int) -> None:
+        self.shared = self._company.observe(runnable)
         if self._gil is not None:
-            interval = self._gil.observe(runnable)
+            interval = self._gil.shared if self.shared else self._gil.alone
             if interval != sys.getswitchinterval():
                 sys.setswitchinterval(interval)
 
     def _run(self) -> None:
         self.baseline_memory = self.active_memory = mx.get_active_memory()
         while (item := self._next()) is not None:
+            self._current = item
             try:
-                item.step()
-            except Exception:
-                log.exception("worker step failed in %r", item)
-            self.steps += 1
-            if isinstance(item, Job) and item.done:
-                with self._wake:
-                    self._items.remove(item)
-            self.active_memory = mx.get_active_memory()
+                self._step(item)
+            finally:
+                self._current = None
+
+    def _step(self, item: Job | Steppable) -> None:
+        try:
+            item.step()
+        except Exception:
+            log.exception("worker step failed in %r", item)
+        self.steps += 1
+        if isinstance(item, Job) and item.done:
+            with self._wake:
+                self._items.remove(item)
+        self.active_memory = mx.get_active_memory()
 
 
 def _runnable(item: Job | Steppable) -> bool:

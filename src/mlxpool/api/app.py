@@ -75,7 +75,8 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
         choose_cuda_attention(settings.server.cudnn_attention)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.server.gil_switch_interval)
-        worker = Worker(GilSlices(settings.server.gil_switch_interval, settings.server.shared_gil_switch_interval))
+        server = settings.server
+        worker = Worker(GilSlices(server.gil_switch_interval, server.shared_gil_switch_interval), server.forward_pieces)
         worker.start()
         gc.freeze()  # start-up objects live forever: keep them out of every later full collection
         budget = parse_size(settings.server.memory_budget, await worker.call(usable_memory))

@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlxpool.config import ModelSpec
 from mlxpool.engines.batching import ContinuousBatch
 from mlxpool.engines.kv import PromptCache
+from mlxpool.engines.pieces import cut_into_pieces, text_layers
 from mlxpool.engines.sampling import shared_sampler
 from mlxpool.engines.sequences import SOLO, Delta, SamplingParams, Sequence, TokenLogprob, failure, post
 from mlxpool.engines.solo import SoloDecoder
@@ -71,6 +72,9 @@ class ChatEngine:
         """This step's deltas, posted to the loop together when it ends."""
         self.steps = 0
         self.generated_tokens = 0
+        layers = text_layers(model) or text_layers(getattr(model, "language_model", None))
+        self.piece_ends = cut_into_pieces(layers, worker) if layers else 0
+        """Layers that end a piece of the forward pass (engines/pieces.py)."""
 
     # --- loop side -------------------------------------------------------------------------------------------
 

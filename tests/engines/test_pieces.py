@@ -1,0 +1,104 @@
+"""A text model's forward pass in pieces: the same logits, other engines stepping between pieces only while the
+worker has company, and the same answers from a server whose embeddings step inside chat steps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models import qwen3
+
+from mlxpool.demo import build_tiny_chat
+from mlxpool.engines.chat import ChatEngine
+from mlxpool.engines.pieces import EndsAPiece, cut_into_pieces, text_layers
+from mlxpool.worker import Worker
+from tests.conftest import Served, ServeFactory, make_settings
+
+
+def eight_layers() -> qwen3.Model:
+    mx.random.seed(0)
+    args = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 8,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "max_position_embeddings": 128, "tie_word_embeddings": True}  # fmt: skip
+    return qwen3.Model(qwen3.ModelArgs.from_dict(args))  # type: ignore[no-untyped-call]
+
+
+def test_the_cut_model_gives_the_same_logits_and_hands_over_only_with_company(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = eight_layers()
+    tokens = mx.array([[1, 5, 9, 12, 3]])
+    reference = model(tokens)
+    worker = Worker(pieces=4)
+    handovers: list[int] = []
+    monkeypatch.setattr(worker, "between_pieces", lambda: handovers.append(1))
+    layers = text_layers(model)
+    assert layers is not None
+    assert cut_into_pieces(layers, worker) == 3
+    assert [i for i, layer in enumerate(layers) if isinstance(layer, EndsAPiece)] == [1, 3, 5]
+    assert cut_into_pieces(layers, worker) == 3  # cutting again changes nothing
+    assert type(layers[1]).__mro__.count(EndsAPiece) == 1
+
+    alone = model(tokens)
+    assert handovers == []
+    worker.shared = True
+    shared = model(tokens)
+    assert len(handovers) == 3
+    assert mx.array_equal(alone, reference) and mx.array_equal(shared, reference)
+
+
+def test_one_piece_or_one_layer_is_not_cut() -> None:
+    assert cut_into_pieces(text_layers(eight_layers()) or [], Worker(pieces=1)) == 0
+    assert cut_into_pieces((text_layers(eight_layers()) or [])[:1], Worker(pieces=4)) == 0
+    assert text_layers(object()) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat(tmp_path_factory.mktemp("pieces") / "qwen3")
+
+
+@pytest.fixture
+async def served(serve: ServeFactory, tiny_chat: Path, tiny_models: dict[str, Path]) -> AsyncIterator[Served]:
+    models: dict[str, dict[str, Any]] = {
+        "chat": {"kind": "chat", "path": str(tiny_chat), "memory_reserve": "16MB", "prompt_cache_size": 0},
+        "bert": {"kind": "embedding", "path": str(tiny_models["bert"]), "memory_reserve": "16MB"},
+    }
+    async with serve(make_settings(models, forward_pieces=2)) as s:
+        await s.pool.load("chat")
+        await s.pool.load("bert")
+        yield s
+
+
+async def answer(s: Served, content: str) -> dict[str, Any]:
+    body = {"model": "chat", "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 64}
+    response = await s.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def test_embeddings_step_inside_chat_steps_and_the_answers_stay_the_same(served: Served) -> None:
+    chat = served.pool.entries["chat"].engine
+    assert isinstance(chat, ChatEngine) and chat.piece_ends == 1
+    prompts = [f"Tell me about the sea, story {i}." for i in range(4)]
+    alone = [await answer(served, p) for p in prompts]  # one at a time, with no company: never cut
+    worker = served.pool.worker
+    assert worker.steps_between == 0
+
+    async def embed_until_done(done: asyncio.Event) -> int:
+        count = 0
+        while not done.is_set():
+            response = await served.http.post("/v1/embeddings", json={"model": "bert", "input": "the sea"})
+            assert response.status_code == 200, response.text
+            count += 1
+        return count
+
+    done = asyncio.Event()
+    embedding = asyncio.ensure_future(embed_until_done(done))
+    together = await asyncio.gather(*(answer(served, p) for p in prompts))
+    done.set()
+    assert await embedding > 0
+    assert worker.steps_between > 0
+    assert [a["choices"] for a in together] == [a["choices"] for a in alone]
