@@ -42,6 +42,8 @@ class Lane:
     kind: str
     workers: int
     model: str
+    pause: float = 0.0
+    """Seconds each worker waits after a reply before its next request (0: back to back)."""
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,9 @@ def session(url: str, connections: int) -> aiohttp.ClientSession:
 
 
 async def run_lanes(url: str, lanes: Sequence[Lane], seconds: float, chat_tokens: int = 64) -> list[Record]:
-    """Every lane's workers sending back to back for `seconds`."""
+    """Every lane's workers sending for `seconds`, each waiting its lane's pause between requests."""
     workers = schedule(lanes)
+    pauses = {(lane.kind, lane.model): lane.pause for lane in lanes}
     async with session(url, max(len(workers), 1)) as http:
         client = Client(http, chat_tokens)
         deadline = time.perf_counter() + seconds
@@ -216,6 +219,8 @@ async def run_lanes(url: str, lanes: Sequence[Lane], seconds: float, chat_tokens
         async def worker(kind: str, model: str) -> None:
             while time.perf_counter() < deadline:
                 records.append(await client.request(kind, model))
+                if pauses[kind, model]:
+                    await asyncio.sleep(pauses[kind, model])
 
         await asyncio.gather(*(worker(kind, model) for kind, model in workers))
     return records
@@ -238,13 +243,16 @@ async def sample_memory(url: str, every: float, stop: asyncio.Event) -> list[dic
 # --- scenarios ------------------------------------------------------------------------------------------------
 
 
-async def fairness(url: str, chat_model: str, embedding_model: str, streams: int, seconds: float) -> dict[str, Any]:
-    """Embedding p99 latency while `streams` chat streams decode, against its idle p99 (target: <= 3x). The busy
+async def fairness(
+    url: str, chat_model: str, embedding_model: str, streams: int, seconds: float, pause: float = 0.0
+) -> dict[str, Any]:
+    """Embedding p99 latency while `streams` chat streams decode, against its idle p99 (target: <= 3x); the probe
+    sends one embedding at a time, `pause` seconds apart (0: back to back, as many as the server answers). The busy
     load runs once unmeasured first: GPU backends compile kernels for each new batch shape, seconds each. The chat
     streams come from a process of their own, so that reading their events does not delay the embeddings measured
     here (one Python client reading 64 streams spent 20-30 ms of the embeddings' p99 doing so)."""
     chat = [Lane("chat", streams, chat_model)]
-    probe = [Lane("embeddings", 1, embedding_model)]
+    probe = [Lane("embeddings", 1, embedding_model, pause)]
     await beside(url, chat, probe, seconds)
     idle = summarize(await run_lanes(url, probe, seconds), seconds)
     chat_records, probe_records = await beside(url, chat, probe, seconds)

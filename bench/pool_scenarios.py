@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--cold-streams", type=int, default=16)
     parser.add_argument("--clients", type=int, default=256)
+    parser.add_argument("--probe-pause", type=float, default=0.0, help="seconds between the fairness probe's requests")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--scenarios", default="fairness,cold-load,connections", help="which to run, comma-separated")
     parser.add_argument("--trace", type=Path, help="write mlxpool's worker-step timeline here (bench/step_trace.py)")
@@ -63,7 +64,9 @@ def main() -> None:
         process = start(config, workdir, port, args.trace)
         try:
             if "fairness" in scenarios:
-                result["fairness"] = asyncio.run(load.fairness(url, "chat", "embedding", args.streams, args.seconds))
+                result["fairness"] = asyncio.run(
+                    load.fairness(url, "chat", "embedding", args.streams, args.seconds, args.probe_pause)
+                )
             if "cold-load" in scenarios:
                 result["cold_load"] = asyncio.run(load.cold_load(url, "chat", "cold", args.cold_streams, args.seconds))
             if "connections" in scenarios:

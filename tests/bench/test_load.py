@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import asyncio
 import sys
 import time
@@ -98,3 +99,24 @@ async def test_a_load_from_its_own_process_runs_around_the_requests_measured_bes
     # perf_counter is one clock for both processes (CLOCK_MONOTONIC): the load covers the measured second.
     assert min(r.started for r in chats) < min(r.started for r in probes)
     assert max(r.started + r.seconds for r in chats) > max(r.started for r in probes)
+
+
+async def test_a_paced_lane_waits_between_its_requests() -> None:
+    async def embeddings(request: web.Request) -> web.Response:
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.add_routes([web.post("/v1/embeddings", embeddings)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        paced = await load.run_lanes(url, [Lane("embeddings", 1, "e", pause=0.1)], 0.5)
+        free = await load.run_lanes(url, [Lane("embeddings", 1, "e")], 0.5)
+    finally:
+        await runner.cleanup()
+    starts = [r.started for r in paced]
+    assert 3 <= len(starts) <= 6 and all(b - a >= 0.1 for a, b in itertools.pairwise(starts))
+    assert len(free) > 2 * len(paced)
