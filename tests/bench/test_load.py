@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import asyncio
+import itertools
 import sys
 import time
 from pathlib import Path
