@@ -317,3 +317,26 @@ def test_a_gone_row_samples_with_the_live_rows_sampler(tiny: tuple[Any, Any]) ->
     while len(batch.running) != 7:
         batch.next()
     assert len(batch.running.uids) == 8 and all(s is GREEDY for s in batch.running.samplers)
+
+
+def test_admission_pieces_and_the_decode_step_after_a_change_are_costly(tiny: tuple[Any, Any]) -> None:
+    """What engines/pieces.py cuts while other models have work: the steps that read prompts or follow a change of
+    the running batch, not the steady decode steps between."""
+    model, _ = tiny
+    batch = make_batch(model, max_batch_size=8, group_size=8)
+    cases = prompts(8, seed=14)
+    for i, p in enumerate(cases):
+        batch.insert(p, None, [], GREEDY, [], 3 if i < 2 else 40)
+    steps: list[tuple[bool, int, int]] = []  # (costly, rows that joined, live rows) per step
+    while len(batch.running) != 6:
+        joined, _ = batch.next()
+        steps.append((batch.costly, len(joined), len(batch.running)))
+    admission = steps[: next(i for i, s in enumerate(steps) if s[1]) + 1]
+    assert admission and all(costly for costly, _, _ in admission)
+    decodes = steps[len(admission) :]
+    assert decodes[0][0] and not any(costly for costly, _, _ in decodes[1:])  # the first after the join only
+    assert len(batch.running.uids) == 6  # two of eight rows finished: a quarter, so they were dropped (a change)
+    batch.next()
+    assert batch.costly
+    batch.next()
+    assert not batch.costly

@@ -17,6 +17,7 @@ from mlxpool.engines.chat import ChatEngine
 from mlxpool.engines.pieces import EndsAPiece, cut_into_pieces, text_layers
 from mlxpool.worker import Worker
 from tests.conftest import Served, ServeFactory, make_settings
+from tests.fakes import FakeEngine
 
 
 def eight_layers() -> qwen3.Model:
@@ -79,7 +80,7 @@ async def answer(s: Served, content: str) -> dict[str, Any]:
     return dict(response.json())
 
 
-async def test_embeddings_step_inside_chat_steps_and_the_answers_stay_the_same(served: Served) -> None:
+async def test_other_engines_step_inside_chat_steps_and_the_answers_stay_the_same(served: Served) -> None:
     chat = served.pool.entries["chat"].engine
     assert isinstance(chat, ChatEngine) and chat.piece_ends == 1
     prompts = [f"Tell me about the sea, story {i}." for i in range(4)]
@@ -87,18 +88,14 @@ async def test_embeddings_step_inside_chat_steps_and_the_answers_stay_the_same(s
     worker = served.pool.worker
     assert worker.steps_between == 0
 
-    async def embed_until_done(done: asyncio.Event) -> int:
-        count = 0
-        while not done.is_set():
-            response = await served.http.post("/v1/embeddings", json={"model": "bert", "input": "the sea"})
-            assert response.status_code == 200, response.text
-            count += 1
-        return count
-
-    done = asyncio.Event()
-    embedding = asyncio.ensure_future(embed_until_done(done))
-    together = await asyncio.gather(*(answer(served, p) for p in prompts))
-    done.set()
-    assert await embedding > 0
-    assert worker.steps_between > 0
+    busy = FakeEngine("busy", None, pending=10**9)  # always has work: it steps at every cut
+    worker.add_engine(busy)
+    try:
+        together = await asyncio.gather(*(answer(served, p) for p in prompts))
+        embedded = await served.http.post("/v1/embeddings", json={"model": "bert", "input": "the sea"})
+    finally:
+        busy.pending = 0
+        worker.remove_engine(busy)
+    assert worker.steps_between > 0 and busy.threads == {"mlx-worker"}
     assert [a["choices"] for a in together] == [a["choices"] for a in alone]
+    assert embedded.status_code == 200 and len(embedded.json()["data"][0]["embedding"]) > 0

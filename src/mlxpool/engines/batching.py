@@ -52,6 +52,8 @@ class RunningBatch(GenerationBatch):
     of the rows or a group joins; then all are dropped in one change. `len()` counts the live rows."""
 
     gone = 0
+    changed = False
+    """Rows joined or left since the last decode step: the next one rewrites every layer's cache."""
 
     def __len__(self) -> int:
         return len(self.uids) - self.gone
@@ -76,12 +78,13 @@ class RunningBatch(GenerationBatch):
     def compact(self) -> None:
         """Drop the rows that are gone."""
         if self.gone:
-            self.gone = 0
+            self.gone, self.changed = 0, True
             super().filter([i for i, uid in enumerate(self.uids) if uid != GONE])
 
     def extend(self, batch: Any) -> None:
         self.compact()
         super().extend(batch)
+        self.changed = True
 
 
 @dataclass
@@ -131,6 +134,9 @@ class ContinuousBatch:
         """Admission pieces since then."""
         self._owed = False
         """The running batch has first tokens to hand out: it decodes next."""
+        self.costly = False
+        """The step running now is an admission piece or the decode step after the batch changed: its forward pass
+        is cut into pieces while other models have work (engines/pieces.py)."""
         self._uids = itertools.count()
         self._wired = maybe_set_recommended_wired_limit()
 
@@ -165,7 +171,9 @@ class ContinuousBatch:
             due = self._owed or (self._pieces > 0 and self._clock() - self._decoded_at >= DECODE_GAP)
             if admitting and (not len(self.running) or not due):
                 self._pieces += 1
+                self.costly = True
                 return self._admit(), []
+            self.costly, self.running.changed = self.running.changed, False
             self.decode_steps += 1
             if self.decode_steps % CLEAR_EVERY == 0:
                 mx.clear_cache()

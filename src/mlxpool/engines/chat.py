@@ -73,7 +73,7 @@ class ChatEngine:
         self.steps = 0
         self.generated_tokens = 0
         layers = text_layers(model) or text_layers(getattr(model, "language_model", None))
-        self.piece_ends = cut_into_pieces(layers, worker) if layers else 0
+        self.piece_ends = cut_into_pieces(layers, worker, self._costly) if layers else 0
         """Layers that end a piece of the forward pass (engines/pieces.py)."""
 
     # --- loop side -------------------------------------------------------------------------------------------
@@ -205,6 +205,12 @@ class ChatEngine:
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
         return cache, list(rest)
+
+    def _costly(self) -> bool:
+        """Whether this step's forward pass is worth cutting into pieces: batch steps that change the batch or read
+        prompts (engines/batching.py); mlx-vlm's generator says nothing, so all of its. A lone sequence's steps are
+        one row: never."""
+        return self._solo is None and bool(getattr(self.generator, "costly", True))
 
     def _count_cache(self) -> None:
         """Publish the bytes of the prompt cache and of the KV of sequences in flight."""
