@@ -135,9 +135,11 @@ class ServerSettings(BaseModel):
     against 0.005 lowered the embedding p99 under 64 chat streams by about 12% (docs/benchmarks.md). Equal to
     `gil_switch_interval`: one interval throughout."""
     forward_pieces: int = Field(default=4, ge=1, le=64)
-    """Pieces a text model's forward pass is cut into while other models have work (within the last second):
-    between pieces, their waiting steps run, so an embedding waits for a piece of a decode step rather than all of
-    it (engines/pieces.py). 1: never cut. A model working alone is never cut."""
+    """Pieces a text model's costly forward passes (admission pieces, the decode step after its batch changed) are
+    cut into while other models have had work within the last second: between pieces, their waiting steps run, so
+    an embedding waits for a piece rather than the whole step (engines/pieces.py). 1: never cut. A model working
+    alone, and steady decode steps, are never cut (cutting every step cost up to half of a chat batch's tokens/s on
+    the measured H200: docs/benchmarks.md)."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
 
