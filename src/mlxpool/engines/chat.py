@@ -208,9 +208,9 @@ class ChatEngine:
 
     def _costly(self) -> bool:
         """Whether this step's forward pass is worth cutting into pieces: batch steps that change the batch or read
-        prompts (engines/batching.py); mlx-vlm's generator says nothing, so all of its. A lone sequence's steps are
-        one row: never."""
-        return self._solo is None and bool(getattr(self.generator, "costly", True))
+        prompts (engines/batching.py). mlx-vlm's generator does not say, so its steps stay whole, and a lone
+        sequence's steps are one row: never."""
+        return self._solo is None and bool(getattr(self.generator, "costly", False))
 
     def _count_cache(self) -> None:
         """Publish the bytes of the prompt cache and of the KV of sequences in flight."""
