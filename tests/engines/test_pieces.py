@@ -4,6 +4,8 @@ worker has company, and the same answers from a server whose embeddings step ins
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -99,3 +101,23 @@ async def test_other_engines_step_inside_chat_steps_and_the_answers_stay_the_sam
     assert worker.steps_between > 0 and busy.threads == {"mlx-worker"}
     assert [a["choices"] for a in together] == [a["choices"] for a in alone]
     assert embedded.status_code == 200 and len(embedded.json()["data"][0]["embedding"]) > 0
+
+
+def test_the_cut_layers_do_not_keep_the_engine_alive(tiny_chat: Path) -> None:
+    """An engine whose model's layers referred back to it would be a reference cycle: freed only by a full
+    garbage collection, which an unload runs only when memory did not come back (worker.release_memory)."""
+    from mlx_lm import load
+
+    from mlxpool.config import ModelSpec
+
+    model, tokenizer = load(str(tiny_chat))[:2]
+    spec = ModelSpec(name="tiny", kind="chat", path=str(tiny_chat))
+    engine = ChatEngine(model, tokenizer, spec, {}, Worker(pieces=4))
+    assert engine.piece_ends == 1
+    gone = weakref.ref(engine)
+    gc.disable()
+    try:
+        del engine
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -73,7 +74,8 @@ class ChatEngine:
         self.steps = 0
         self.generated_tokens = 0
         layers = text_layers(model) or text_layers(getattr(model, "language_model", None))
-        self.piece_ends = cut_into_pieces(layers, worker, self._costly) if layers else 0
+        costly = weakref.WeakMethod(self._costly)  # the layers must not keep the engine (and so the model) alive
+        self.piece_ends = cut_into_pieces(layers, worker, lambda: bool((m := costly()) and m())) if layers else 0
         """Layers that end a piece of the forward pass (engines/pieces.py)."""
 
     # --- loop side -------------------------------------------------------------------------------------------
