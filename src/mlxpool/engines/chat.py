@@ -150,6 +150,7 @@ class ChatEngine:
 
     def close(self) -> None:
         self.generator.close()
+        self._solo = None
         del self.generator, self.model, self.prompt_cache
 
     def trim_cache(self, max_bytes: int) -> None:
