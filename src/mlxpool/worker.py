@@ -3,9 +3,9 @@
 Work arrives as steps. A `Job` is a generator run one `next()` per step (a model load yields between weight
 slices); an engine is a `Steppable` that does one bounded unit of its pending work per step (one embedding
 micro-batch). Each step goes to the runnable item served least recently, so work that arrives while another
-engine's step runs goes next, after that one step; nothing holds the worker for longer. A text model's decode step
-goes further: it hands over between pieces of its forward pass while other models have work (`between_pieces`,
-engines/pieces.py), so an embedding waits for a piece of a step, not a whole one.
+engine's step runs goes next, after that one step; nothing holds the worker for longer. A chat batch's costly steps
+go further: they hand over between pieces of their forward pass while other models have work (`between_pieces`,
+engines/pieces.py), so an embedding waits for a piece of such a step, not all of it.
 Results go back to the event loop with `call_soon_threadsafe`.
 """
 

@@ -73,7 +73,7 @@ class ChatEngine:
         """This step's deltas, posted to the loop together when it ends."""
         self.steps = 0
         self.generated_tokens = 0
-        layers = text_layers(model) or text_layers(getattr(model, "language_model", None))
+        layers = text_layers(model)
         costly = weakref.WeakMethod(self._costly)  # the layers must not keep the engine (and so the model) alive
         self.piece_ends = cut_into_pieces(layers, worker, lambda: bool((m := costly()) and m())) if layers else 0
         """Layers that end a piece of the forward pass (engines/pieces.py)."""

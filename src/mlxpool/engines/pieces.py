@@ -37,7 +37,7 @@ def cut_into_pieces(layers: list[Any], worker: Worker, costly: Callable[[], bool
 
 
 def text_layers(model: Any) -> list[Any] | None:
-    """The decoder layers of an mlx-lm model (or an mlx-vlm language model), if it exposes them as a list."""
+    """The decoder layers of a text model (mlx-lm, or mlx-vlm's), if it exposes them as a list."""
     layers = getattr(model, "layers", None)
     return layers if isinstance(layers, list) and all(isinstance(layer, Module) for layer in layers) else None
 
