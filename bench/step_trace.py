@@ -181,6 +181,7 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
                 f"{what}_ms_{q}": round(1000 * _pct([w[i] for w in waits], p), 2)
                 for i, what in enumerate(("wait", "forward", "total")) for q, p in (("p50", 0.5), ("p99", 0.99))
             }  # fmt: skip
+    out["slowest_embeddings_busy"] = slowest_embeddings(records, chat_busy)
     longest = sorted(steps, key=lambda s: s["t0"] - s["t1"])[:15]
     out["longest_chat_steps"] = [
         {"ms": round(1000 * (s["t1"] - s["t0"]), 2), "cpu_ms": round(1000 * s.get("cpu", 0.0), 2)}
@@ -196,6 +197,41 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
     if chat_ms:
         out["chat_step_ms_batch_over_8"] = {"p50": round(_pct(chat_ms, 0.5), 2), "p99": round(_pct(chat_ms, 0.99), 2)}
     return out
+
+
+def slowest_embeddings(
+    records: list[dict[str, Any]], chat_busy: list[tuple[float, float]], share: float = 0.01
+) -> dict[str, Any]:
+    """The slowest `share` of the embedding requests made while the chat batch was busy: how their time split
+    (waiting for the worker, their forward pass, the event loop handing the result back) and what kind of chat step
+    was running when each arrived (`changed`: rows joined or left the batch in it; `steady`: a plain decode step)."""
+    steps = sorted((r for r in records if r["e"] == "chat_step"), key=lambda s: s["t0"])
+    embedding_steps = sorted((s for s in records if s["e"] == "embedding_step"), key=lambda s: s["t0"])
+    timed: list[tuple[list[float], dict[str, Any]]] = []  # (total, wait, forward, deliver), request
+    for r in records:
+        if r["e"] != "embedding_request" or "end" not in r or not _overlaps(chat_busy, r["submit"], r["end"]):
+            continue
+        own = next((s for s in embedding_steps if s["t0"] >= r["submit"]), None)
+        if own is not None:
+            spans = [r["end"] - r["submit"], own["t0"] - r["submit"], own["t1"] - own["t0"], r["end"] - own["t1"]]
+            timed.append((spans, r))
+    timed.sort(key=lambda t: -t[0][0])
+    slowest = timed[: max(1, round(share * len(timed)))] if timed else []
+    behind: dict[str, int] = {}
+    for _, r in slowest:
+        running = next((s for s in steps if s["t0"] <= r["submit"] < s["t1"]), None)
+        kind = "none" if running is None else "changed" if _changed(running) else "steady"
+        behind[kind] = behind.get(kind, 0) + 1
+    mean = {
+        f"{what}_ms_mean": round(1000 * statistics.fmean(spans[i] for spans, _ in slowest), 2) if slowest else None
+        for i, what in enumerate(("total", "wait", "forward", "deliver"))
+    }  # fmt: skip
+    return {"requests": len(slowest), "of": len(timed)} | mean | {"arrived_during": behind}
+
+
+def _changed(step: dict[str, Any]) -> bool:
+    """A chat step in which rows joined or left the batch (admission, prefill, finished rows filtered out)."""
+    return bool(step["prefill"] or step["incoming"] or {"filter", "join", "merge"} & step.get("phases", {}).keys())
 
 
 def _overlaps(spans: list[tuple[float, float]], start: float, end: float) -> bool:
