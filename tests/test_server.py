@@ -147,6 +147,14 @@ def test_cli_reports_an_unreachable_server(tmp_path: Path) -> None:
     assert result.returncode == 1 and "cannot reach the server" in result.stderr
 
 
+def test_oversized_headers_get_400_and_the_server_stays_up(server: Running) -> None:
+    # httptools (installed for the tests) accepts headers of any size; the default parser, h11, must be in use.
+    with socket.create_connection(("127.0.0.1", server.ports[0]), timeout=30) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2_000_000 + b"\r\n\r\n")
+        assert conn.recv(64).startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{server.url(0)}/health", timeout=10).status_code == 200
+
+
 def test_a_taken_port_fails_fast_with_a_message(server: Running) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mlxpool", "serve", "--demo", "--port", str(server.ports[0])],

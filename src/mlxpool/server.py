@@ -52,6 +52,7 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
         create_app(settings),
         log_level=server_settings.log_level,
         timeout_graceful_shutdown=10,
+        http=server_settings.http_parser,
         log_config=None,  # uvicorn's records go to mlxpool's handlers (stderr and the log file)
         access_log=False,  # mlxpool.api.access logs each request
     )
