@@ -21,6 +21,7 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import time
 import wave
 from collections import Counter
@@ -200,6 +201,12 @@ async def _raise_for(response: aiohttp.ClientResponse) -> None:
     if response.status >= 400:
         await response.read()
         raise HttpError(response.status, "Retry-After" in response.headers)
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """User + system CPU time of one thread, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def session(url: str, connections: int) -> aiohttp.ClientSession:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -27,18 +26,12 @@ from pool_scenarios import start
 ARMS = ("h11", "httptools")
 
 
-def thread_cpu_seconds(pid: int, tid: int) -> float:
-    """User + system CPU time of one thread, from /proc (clock ticks)."""
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(url: str, pid: int, streams: int, seconds: float, tokens: int) -> dict[str, Any]:
     lanes = [load.Lane("chat", streams, "chat")]
     load.run_lanes_in_process(url, lanes, 3.0, tokens, load.COMPLETIONS)  # warm-up: every batch size once
-    loop_before, wall = thread_cpu_seconds(pid, pid), time.perf_counter()
+    loop_before, wall = load.thread_cpu_seconds(pid, pid), time.perf_counter()
     records = load.run_lanes_in_process(url, lanes, seconds, tokens, load.COMPLETIONS)
-    loop_cpu, wall = thread_cpu_seconds(pid, pid) - loop_before, time.perf_counter() - wall
+    loop_cpu, wall = load.thread_cpu_seconds(pid, pid) - loop_before, time.perf_counter() - wall
     streamed = sum(r.tokens for r in records if r.error is None)
     return {
         "tokens": streamed,

@@ -1,11 +1,13 @@
-"""The load harness's own logic (bench/load.py): percentiles, summaries, lane parsing and mixing, verdicts."""
+"""The load harness's own logic (bench/load.py): percentiles, summaries, lanes and mixing, verdicts, thread CPU."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import itertools
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,3 +122,21 @@ async def test_a_paced_lane_waits_between_its_requests() -> None:
     starts = [r.started for r in paced]
     assert 3 <= len(starts) <= 6 and all(b - a >= 0.1 for a, b in itertools.pairwise(starts))
     assert len(free) > 2 * len(paced)
+
+
+def test_a_busy_thread_gains_cpu_time_and_an_idle_one_does_not() -> None:
+    pid, me = os.getpid(), threading.get_native_id()
+    idle = threading.Event()
+    sleeper = threading.Thread(target=idle.wait)
+    sleeper.start()
+    try:
+        assert sleeper.native_id is not None
+        mine, theirs = load.thread_cpu_seconds(pid, me), load.thread_cpu_seconds(pid, sleeper.native_id)
+        deadline = time.thread_time() + 0.3
+        while time.thread_time() < deadline:  # 0.3 s of this thread's CPU
+            pass
+        assert load.thread_cpu_seconds(pid, me) - mine >= 0.2  # clock ticks: 10 ms steps
+        assert load.thread_cpu_seconds(pid, sleeper.native_id) - theirs <= 0.02
+    finally:
+        idle.set()
+        sleeper.join()
