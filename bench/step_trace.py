@@ -166,20 +166,13 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
             "prefill_step_ms_total": round(1000 * sum(s["t1"] - s["t0"] for s in joins), 1),
             "decode_batch_sizes": _histogram([s["decode"] or 1 for s in decode]),
         })  # fmt: skip
-    embedding_steps = [s for s in records if s["e"] == "embedding_step"]
     chat_busy = [(s["t0"], s["t1"]) for s in steps if s["decode"] > 8]
     for name, busy in (("embeddings_idle", False), ("embeddings_busy", True)):
-        waits = []
-        for r in (r for r in records if r["e"] == "embedding_request" and "end" in r):
-            if _overlaps(chat_busy, r["submit"], r["end"]) != busy:
-                continue
-            own = next((s for s in embedding_steps if s["t0"] >= r["submit"]), None)
-            if own is not None:  # waited for the worker, its forward pass, submit to result
-                waits.append((own["t0"] - r["submit"], own["t1"] - own["t0"], r["end"] - r["submit"]))
-        if waits:
-            out[name] = {"requests": len(waits)} | {
-                f"{what}_ms_{q}": round(1000 * _pct([w[i] for w in waits], p), 2)
-                for i, what in enumerate(("wait", "forward", "total")) for q, p in (("p50", 0.5), ("p99", 0.99))
+        timed = timed_embeddings(records, chat_busy, busy)
+        if timed:
+            out[name] = {"requests": len(timed)} | {
+                f"{what}_ms_{q}": round(1000 * _pct([spans[i] for spans, _ in timed], p), 2)
+                for i, what in ((1, "wait"), (2, "forward"), (0, "total")) for q, p in (("p50", 0.5), ("p99", 0.99))
             }  # fmt: skip
     out["slowest_embeddings_busy"] = slowest_embeddings(records, chat_busy)
     longest = sorted(steps, key=lambda s: s["t0"] - s["t1"])[:15]
@@ -206,15 +199,7 @@ def slowest_embeddings(
     (waiting for the worker, their forward pass, the event loop handing the result back) and what kind of chat step
     was running when each arrived (`changed`: rows joined or left the batch in it; `steady`: a plain decode step)."""
     steps = sorted((r for r in records if r["e"] == "chat_step"), key=lambda s: s["t0"])
-    embedding_steps = sorted((s for s in records if s["e"] == "embedding_step"), key=lambda s: s["t0"])
-    timed: list[tuple[list[float], dict[str, Any]]] = []  # (total, wait, forward, deliver), request
-    for r in records:
-        if r["e"] != "embedding_request" or "end" not in r or not _overlaps(chat_busy, r["submit"], r["end"]):
-            continue
-        own = next((s for s in embedding_steps if s["t0"] >= r["submit"]), None)
-        if own is not None:
-            spans = [r["end"] - r["submit"], own["t0"] - r["submit"], own["t1"] - own["t0"], r["end"] - own["t1"]]
-            timed.append((spans, r))
+    timed = timed_embeddings(records, chat_busy, busy=True)
     timed.sort(key=lambda t: -t[0][0])
     slowest = timed[: max(1, round(share * len(timed)))] if timed else []
     behind: dict[str, int] = {}
@@ -227,6 +212,24 @@ def slowest_embeddings(
         for i, what in enumerate(("total", "wait", "forward", "deliver"))
     }  # fmt: skip
     return {"requests": len(slowest), "of": len(timed)} | mean | {"arrived_during": behind}
+
+
+def timed_embeddings(
+    records: list[dict[str, Any]], chat_busy: list[tuple[float, float]], busy: bool
+) -> list[tuple[list[float], dict[str, Any]]]:
+    """The embedding requests made while the chat batch was busy (or, with `busy` false, while it was not), each
+    with its seconds [total, waiting for the worker, forward pass, handing the result back] (its own step is taken
+    to be the first embedding step to start after it was submitted)."""
+    embedding_steps = sorted((s for s in records if s["e"] == "embedding_step"), key=lambda s: s["t0"])
+    timed = []
+    for r in records:
+        if r["e"] != "embedding_request" or "end" not in r or _overlaps(chat_busy, r["submit"], r["end"]) != busy:
+            continue
+        own = next((s for s in embedding_steps if s["t0"] >= r["submit"]), None)
+        if own is not None:
+            spans = [r["end"] - r["submit"], own["t0"] - r["submit"], own["t1"] - own["t0"], r["end"] - own["t1"]]
+            timed.append((spans, r))
+    return timed
 
 
 def _changed(step: dict[str, Any]) -> bool:

@@ -125,10 +125,11 @@ class ServerSettings(BaseModel):
     kernels. Sets `MLX_CUDA_USE_CUDNN_SDPA` for the process, unless the environment already sets it."""
 
     http_parser: Literal["h11", "httptools"] = "h11"
-    """How uvicorn reads and writes HTTP/1.1. `h11` (pure Python) bounds a request's line and headers (16 KiB
-    arriving in pieces, ~1 MB at once: larger ones get 400). `httptools` (in C; install it yourself) costs the event
-    loop less per streamed token (45 against 58 us of CPU on the 2-core CPU box, no difference measured end to end
-    on an H200: docs/benchmarks.md) but accepts headers of any size."""
+    """How uvicorn reads and writes HTTP/1.1. `h11` (pure Python) bounds a request's line and headers: 16 KiB
+    buffered before they parse (a head that arrives in one read may be larger: 100 KB passed, 1 MB got 400).
+    `httptools` (in C; install it yourself) costs the event loop less per streamed token (45 against 58 us of CPU
+    on the 2-core CPU box, no difference measured end to end on an H200: docs/benchmarks.md) but accepts headers
+    of any size."""
 
     gil_switch_interval: float = Field(default=0.005, gt=0, le=1)
     """Seconds a thread may hold Python's GIL while another waits for it (0.005 is Python's own default), while
