@@ -124,6 +124,9 @@ def test_folder_flow_outputs_archive_clashes_and_failures(server: Running, tmp_p
         (folder / "quiet.wav").write_bytes(write("wav", "pcm_s16le", np.zeros((1, RATE), np.float32), RATE))
         wait_for(lambda: (done / "talk-2.wav").exists(), what="the second talk.wav archived")  # its audio: last
         wait_for(lambda: len(names(folder / "failed")) == 4, what="two failures archived")
+        # A job's folder goes last, just after its files are archived; stopping before that would leave it for
+        # the next run to finish (crash safety), which this test is not about.
+        wait_for(lambda: not names(folder / ".mlxpool" / "work"), what="every job folder removed")
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)
