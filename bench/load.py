@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import io
 import json
 import math
 import multiprocessing
 import os
+import statistics
 import time
 import wave
 from collections import Counter
@@ -265,7 +267,31 @@ async def fairness(
     chat_records, probe_records = await beside(url, chat, probe, seconds)
     busy = summarize(chat_records, seconds + LEAD) | summarize(probe_records, seconds)
     ratio = _ratio(busy["embeddings"]["latency_ms"]["p99"], idle["embeddings"]["latency_ms"]["p99"])
-    return {"idle": idle, "busy": busy, "p99_ratio": ratio, "pass": ratio is not None and ratio <= 3}
+    tail = arrivals_during(probe_records, chat_records)
+    return {"idle": idle, "busy": busy, "p99_ratio": ratio, "pass": ratio is not None and ratio <= 3, "tail": tail}
+
+
+def arrivals_during(
+    measured: Sequence[Record], load: Sequence[Record], share: float = 0.01, before: float = 0.02
+) -> dict[str, Any]:
+    """How many load requests were sent while each measured request was in flight (or `before` seconds ahead of
+    it), for the slowest `share` of the measured requests against all of them: whether the tail comes with the
+    load's arrivals (a wave of new chat requests is work for the server's event loop before any token). Clocks:
+    time.perf_counter, one per machine."""
+    ok = sorted((r for r in measured if r.error is None), key=lambda r: r.seconds)
+    starts = sorted(r.started for r in load)
+
+    def arrivals(r: Record) -> int:
+        return bisect.bisect_right(starts, r.started + r.seconds) - bisect.bisect_left(starts, r.started - before)
+
+    slowest = ok[len(ok) - max(1, round(share * len(ok))) :] if ok else []
+    return {
+        "slowest": len(slowest),
+        "slowest_with_arrivals": sum(arrivals(r) > 0 for r in slowest),
+        "all_with_arrivals": round(sum(arrivals(r) > 0 for r in ok) / len(ok), 3) if ok else None,
+        "slowest_mean_arrivals": round(statistics.fmean(arrivals(r) for r in slowest), 2) if slowest else None,
+        "all_mean_arrivals": round(statistics.fmean(arrivals(r) for r in ok), 2) if ok else None,
+    }
 
 
 LEAD = 2.0

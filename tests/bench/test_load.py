@@ -17,7 +17,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import load
-from load import Lane, Record, memory_verdict, parse_lane, percentile, schedule, summarize
+from load import Lane, Record, arrivals_during, memory_verdict, parse_lane, percentile, schedule, summarize
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -43,6 +43,23 @@ def test_summary_per_kind_with_errors_by_kind() -> None:
     assert chat["latency_ms"]["p50"] == pytest.approx(2000) and chat["tokens_per_s"] == 4.0
     assert chat["first_token_ms"]["p50"] == pytest.approx(200) and asr["first_token_ms"] is None
     assert asr["requests_per_s"] == pytest.approx(0.1)
+
+
+def test_arrivals_during_counts_load_sent_while_the_slowest_were_in_flight() -> None:
+    # 100 embeddings of 10 ms, one every 100 ms; the slowest (500 ms, at t=5.0) overlaps a wave of chat requests.
+    measured = [Record("embeddings", i / 10, 0.5 if i == 50 else 0.01) for i in range(100)]
+    load_ = [Record("chat", 5.22 + i / 10000, 1.0) for i in range(64)]  # sent 220 ms into the slow one
+    load_.append(Record("chat", 2.295, 1.0))  # 15 ms before the one sent at 2.3 s: counted (within `before`)
+    load_.append(Record("chat", 7.05, 1.0))  # between two embeddings: counted for none
+    measured.append(Record("embeddings", 9.0, 9.9, error="503"))  # failed: not counted at all
+    tail = arrivals_during(measured, load_, share=0.01, before=0.02)
+    assert tail == {
+        "slowest": 1,
+        "slowest_with_arrivals": 1,
+        "all_with_arrivals": 0.02,
+        "slowest_mean_arrivals": 64.0,
+        "all_mean_arrivals": 0.65,  # (64 + 1) / 100
+    }
 
 
 def test_lanes_parse_and_interleave() -> None:

@@ -17,6 +17,7 @@ from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import error_body, parse_body_or_raise
 from mlxpool.api.images import gather_images_or_raise
 from mlxpool.api.metrics import count_tokens
+from mlxpool.api.offload import run_off_loop_if_large
 from mlxpool.api.reasoning import ReasoningSplitter, prompt_opens_thinking
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import ChatRequest, CompletionRequest
@@ -51,7 +52,13 @@ async def create_chat_completion(request: Request) -> Response:
     async def prompt(engine: ChatEngine) -> Prompt:
         forced = body.forces_tool_call
         format = tool_format_or_raise(engine.tokenizer, tools, forced, engine.spec.name) if tools else None
-        return await asyncio.to_thread(_chat_prompt, engine, messages, kwargs, format, images)
+
+        def render() -> Prompt:
+            return _chat_prompt(engine, messages, kwargs, format, images)
+
+        if format is None and not images:  # tools and images make the template's work larger than its text
+            return await run_off_loop_if_large(render, sum(len(str(m.get("content") or "")) for m in messages))
+        return await asyncio.to_thread(render)
 
     return await _complete(request, body, prompt, chat=True)
 
@@ -63,7 +70,8 @@ async def create_completion(request: Request) -> Response:
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
 
     async def prompt(engine: ChatEngine) -> Prompt:
-        return Prompt(list(await asyncio.to_thread(engine.tokenizer.encode, text)), thinking=False)
+        ids = await run_off_loop_if_large(lambda: engine.tokenizer.encode(text), len(text))
+        return Prompt(list(ids), thinking=False)
 
     return await _complete(request, body, prompt, chat=False)
 
@@ -81,7 +89,10 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
     if entry.spec.kind != "chat" and body.logprobs_count() is not None:
         raise InvalidRequestError("logprobs are not supported for vision models", param="logprobs")
     shape = _Shape(entry.spec.name, chat)
-    params = await asyncio.to_thread(body.sampling, entry.spec.max_tokens)  # compiles a JSON schema grammar
+    if body.constrained:  # compiling its grammar takes milliseconds: not on the loop
+        params = await asyncio.to_thread(body.sampling, entry.spec.max_tokens)
+    else:
+        params = body.sampling(entry.spec.max_tokens)
     if body.stream:
         stream = _stream(request, pool, shape, prompt, params, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

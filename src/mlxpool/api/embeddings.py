@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import numpy as np
@@ -12,13 +11,12 @@ from starlette.responses import Response
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import parse_body_or_raise
 from mlxpool.api.metrics import count_tokens
+from mlxpool.api.offload import run_off_loop_if_large
 from mlxpool.api.responses import ArrayJSONResponse
 from mlxpool.api.schemas import EmbeddingRequest
 from mlxpool.engines.embedding import EmbeddingEngine
 from mlxpool.errors import InvalidRequestError, UnsupportedKindError
 from mlxpool.pool import ModelPool
-
-INLINE_TOKENIZE_CHARS = 2048
 
 
 async def create_embeddings(request: Request) -> Response:
@@ -56,8 +54,7 @@ async def _embed(
                 param="dimensions",
             )
         if isinstance(inputs[0], str):
-            short = sum(map(len, inputs)) <= INLINE_TOKENIZE_CHARS  # microseconds: not worth a thread hop
-            sequences = engine.tokenize(inputs) if short else await asyncio.to_thread(engine.tokenize, inputs)
+            sequences = await run_off_loop_if_large(lambda: engine.tokenize(inputs), sum(map(len, inputs)))
         else:
             sequences = engine.wrap_ids(inputs)
         engine.check_lengths(sequences)

@@ -158,6 +158,11 @@ class _Generation(BaseModel):
     def grammar(self) -> str | None:
         return None
 
+    @property
+    def constrained(self) -> bool:
+        """The output must follow a grammar (`grammar()` compiles one)."""
+        return False
+
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(
@@ -225,6 +230,10 @@ class ChatRequest(_Generation):
             return forced_call_grammar(self.tool_list(), name)
         constrained, schema = schema_of(self.response_format or {})
         return json_grammar(schema) if constrained else None
+
+    @property
+    def constrained(self) -> bool:
+        return self.forces_tool_call or schema_of(self.response_format or {})[0]
 
 
 class CompletionRequest(_Generation):
