@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **server: object
     return path, stderr
 
 
+def written(path: Path) -> str:
+    """The file's text once the records logged so far are in it (the file handler writes from a thread)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    return path.read_text()
+
+
 @pytest.mark.usefixtures("restore_logging")
 def test_the_file_gets_requests_and_lifecycle_stderr_only_lifecycle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -44,7 +52,7 @@ def test_the_file_gets_requests_and_lifecycle_stderr_only_lifecycle(
     logging.getLogger("mlxpool.pool.pool").info("loaded demo-chat in 0.1 s, 1.0 MiB")
     logging.getLogger(logs.ACCESS_LOGGER).info("POST /v1/embeddings model=e status=200 ms=3.1 tokens=9")
     logging.getLogger("mlxpool.pool.pool").debug("not at info")
-    lines = path.read_text().splitlines()
+    lines = written(path).splitlines()
     assert [line.split(" ", 3)[2:] for line in lines] == [
         ["INFO", "mlxpool.pool.pool: loaded demo-chat in 0.1 s, 1.0 MiB"],
         ["INFO", "mlxpool.access: POST /v1/embeddings model=e status=200 ms=3.1 tokens=9"],
@@ -59,7 +67,7 @@ def test_requests_are_logged_whatever_the_level_and_on_stderr_at_debug(
     path, _ = configured(tmp_path, monkeypatch, log_level="warning")
     logging.getLogger(logs.ACCESS_LOGGER).info("GET /health model=- status=200 ms=0.1 tokens=-")
     logging.getLogger("mlxpool.pool.pool").info("below warning")
-    assert "GET /health" in path.read_text() and "below warning" not in path.read_text()
+    assert "GET /health" in written(path) and "below warning" not in written(path)
     _, stderr = configured(tmp_path, monkeypatch, log_level="debug")
     logging.getLogger(logs.ACCESS_LOGGER).info("GET /v1/models model=- status=200 ms=0.1 tokens=-")
     assert "GET /v1/models" in stderr.getvalue()
@@ -71,6 +79,7 @@ def test_the_file_rotates_at_its_size_keeping_its_backups(tmp_path: Path, monkey
     path, _ = configured(tmp_path, monkeypatch, log_max_bytes="2KB", log_backups=2)
     for i in range(100):
         logging.getLogger(logs.ACCESS_LOGGER).info("request %03d %s", i, "x" * 40)
+    written(path)
     files = sorted(p.name for p in path.parent.iterdir())
     assert files == ["server.log", "server.log.1", "server.log.2"]
     assert all(p.stat().st_size <= 2000 for p in path.parent.iterdir())
@@ -80,6 +89,27 @@ def test_the_file_rotates_at_its_size_keeping_its_backups(tmp_path: Path, monkey
 def write(path: Path, lines: list[str]) -> None:
     with path.open("a") as f:
         f.writelines(line + "\n" for line in lines)
+
+
+def test_file_lines_are_written_by_a_thread_of_their_own_and_close_writes_the_rest() -> None:
+    seen: list[tuple[int, str]] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((threading.get_ident(), record.getMessage()))
+
+    handler = logs.InBackground(Recording())
+    logger = logging.getLogger("mlxpool.test.background")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(200):
+            logger.warning("line %d", i)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert [message for _, message in seen] == [f"line {i}" for i in range(200)]
+    assert threading.get_ident() not in {thread for thread, _ in seen}
 
 
 def test_tail_reads_back_into_rotated_files(tmp_path: Path) -> None:

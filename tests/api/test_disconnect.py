@@ -48,3 +48,22 @@ async def test_errors_from_the_work_propagate() -> None:
 
     with pytest.raises(ValueError, match="bad"):
         await run_until_disconnect(request_that_disconnects_after(None), work())
+
+
+async def test_work_runs_in_the_request_task_and_a_disconnect_leaves_that_task_usable() -> None:
+    caller = asyncio.current_task()
+
+    async def work() -> asyncio.Task[object] | None:
+        return asyncio.current_task()
+
+    # In the request's own task: no extra trips through the loop's queue once the result is ready.
+    assert await run_until_disconnect(request_that_disconnects_after(None), work()) is caller
+
+    async def slow() -> int:
+        await asyncio.sleep(10)
+        return 1
+
+    with pytest.raises(ClientDisconnected):
+        await run_until_disconnect(request_that_disconnects_after(0.01), slow())
+    assert caller is not None and caller.cancelling() == 0
+    await asyncio.sleep(0.01)  # the task goes on (to send its error response, say) without being cancelled again
