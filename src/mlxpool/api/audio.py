@@ -17,11 +17,12 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from mlxpool.api.audio_io import decode_audio_or_raise
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import error_body
+from mlxpool.api.responses import Stream
 from mlxpool.api.transcripts import ResponseFormat, Task, render_transcript
 from mlxpool.engines.asr import AsrEngine, TranscribeOptions
 from mlxpool.engines.transcript import Segment, Transcript, Word
@@ -73,7 +74,7 @@ async def _handle(request: Request, task: Task) -> Response:
         )
     options = TranscribeOptions(form.language, task, form.prompt, form.temperature, words)
     if form.stream:
-        return StreamingResponse(_stream(pool, spec.name, data, options), media_type="text/event-stream")
+        return Stream(_stream(pool, spec.name, data, options), media_type="text/event-stream")
     transcript = await run_until_disconnect(request, _transcribe(pool, spec.name, data, options))
     body, media_type = render_transcript(transcript, form.response_format, task)
     return (

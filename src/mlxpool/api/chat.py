@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import error_body, parse_body_or_raise
@@ -19,7 +19,7 @@ from mlxpool.api.images import gather_images_or_raise
 from mlxpool.api.metrics import count_tokens
 from mlxpool.api.offload import run_off_loop_if_large
 from mlxpool.api.reasoning import ReasoningSplitter, prompt_opens_thinking
-from mlxpool.api.responses import ArrayJSONResponse
+from mlxpool.api.responses import ArrayJSONResponse, Stream
 from mlxpool.api.schemas import ChatRequest, CompletionRequest
 from mlxpool.api.tools import ToolCallSplitter, ToolFormat, tool_format_or_raise
 from mlxpool.engines.chat import ChatEngine, Delta, SamplingParams, TokenLogprob
@@ -95,7 +95,7 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest, pro
         params = body.sampling(entry.spec.max_tokens)
     if body.stream:
         stream = _stream(request, pool, shape, prompt, params, body.include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return Stream(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     answer = await run_until_disconnect(request, _collect(pool, shape, prompt, params))
     count_tokens(request, shape.model, answer.usage)
     request.state.tokens = answer.usage["total_tokens"]

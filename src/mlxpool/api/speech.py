@@ -12,11 +12,12 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from mlxpool.api.audio_io import MEDIA_TYPES, AudioEncoder, Samples, encode_audio
 from mlxpool.api.disconnect import run_until_disconnect
 from mlxpool.api.errors import error_body, parse_body_or_raise
+from mlxpool.api.responses import Stream
 from mlxpool.engines import Engine
 from mlxpool.engines.tts import TtsEngine
 from mlxpool.errors import MlxpoolError, ModelNotFoundError, UnsupportedKindError
@@ -78,10 +79,10 @@ async def create_speech(request: Request) -> Response:
     if isinstance(entry.engine, TtsEngine):  # loaded: a bad voice is a 400 even for streams
         entry.engine.voice_or_raise(body.voice_name, OPENAI_VOICES)
     if body.streams and body.stream_format == "sse":
-        return StreamingResponse(_sse_events(pool, body), media_type="text/event-stream", headers=_NO_CACHE)
+        return Stream(_sse_events(pool, body), media_type="text/event-stream", headers=_NO_CACHE)
     media_type = MEDIA_TYPES[body.response_format]
     if body.streams:
-        return StreamingResponse(_audio_stream(pool, body), media_type=media_type, headers=_NO_CACHE)
+        return Stream(_audio_stream(pool, body), media_type=media_type, headers=_NO_CACHE)
     samples, sample_rate = await run_until_disconnect(request, _collect(pool, body))
     data = await asyncio.to_thread(encode_audio, samples, sample_rate, body.response_format)
     return Response(data, media_type=media_type)
