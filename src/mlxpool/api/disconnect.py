@@ -21,8 +21,8 @@ class DisconnectWatch:
     """`with DisconnectWatch(receive):` cancels the current task if the client disconnects inside the block, which
     then raises ClientDisconnected. The work stays in the request's own task: awaiting it in a task of its own cost
     every request two more trips through the event loop's queue after its result was ready, and under 64 streams
-    each trip waits for their tokens (docs/benchmarks.md). Enter only after the body has been read: from then on
-    the only message left is http.disconnect."""
+    a trip can wait behind their tokens. Enter only after the body has been read: from then on the only message
+    left is http.disconnect."""
 
     def __init__(self, receive: Receive):
         self._receive = receive

@@ -20,8 +20,9 @@ class ArrayJSONResponse(JSONResponse):
 
 class Stream(StreamingResponse):
     """Starlette's StreamingResponse, streamed from the request's own task, which a `DisconnectWatch` cancels when the
-    client goes (the generator's work is cancelled with it). Under uvicorn (ASGI 2.3) Starlette's own streamed from a
-    task group of two tasks per response: a fifth of a short stream's cost to the event loop (docs/benchmarks.md)."""
+    client goes (the generator's work is cancelled with it), as whole responses are (`run_until_disconnect`). Under
+    uvicorn (ASGI 2.3) Starlette's own streams from a second task in an anyio task group; the loop's CPU per short
+    stream measured the same with either on the CPU box (docs/benchmarks.md, session 13)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
