@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
@@ -68,8 +68,9 @@ def build_model(shape: str, root: Path) -> Path:
     config = {"model_type": "qwen3", "rms_norm_eps": 1e-6, "rope_theta": 1e6, "eos_token_id": eos, **QWEN3_06B}
     (path / "config.json").write_text(json.dumps(config))
     mx.random.seed(0)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
-    weights = {k: v.astype(mx.bfloat16) for k, v in tree_flatten(model.parameters())}
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))  # type: ignore[no-untyped-call]
+    parameters = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    weights = {k: v.astype(mx.bfloat16) for k, v in parameters}
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     return path
 
@@ -106,7 +107,7 @@ class RawLoop:
         start, tokens, steps = time.perf_counter(), 0, []
         while True:
             tic = time.perf_counter()
-            if not (responses := generator.next_generated()):
+            if not (responses := generator.next_generated()):  # type: ignore[no-untyped-call]
                 break
             steps.append(time.perf_counter() - tic)
             tokens += len(responses)
@@ -166,7 +167,7 @@ def wait_up(url: str, process: subprocess.Popen[bytes], path: str) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"server exited: {process.args}")
+            raise SystemExit(f"server exited: {process.args!r}")
         try:
             if httpx.get(url + path, timeout=2).status_code == 200:
                 return

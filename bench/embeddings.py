@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
@@ -45,7 +45,7 @@ def build_model(shape: str, root: Path) -> Path:
     import mlx.core as mx
 
     path = build_tiny_qwen3_embedding(root / shape, **QWEN3_06B)
-    weights = mx.load(str(path / "model.safetensors"))
+    weights = cast(dict[str, mx.array], mx.load(str(path / "model.safetensors")))
     mx.save_safetensors(str(path / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in weights.items()})
     return path
 

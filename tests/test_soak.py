@@ -12,32 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from mlxpool.demo import build_tiny_chat, build_tiny_qwen3_embedding
-from mlxpool.demo_audio import build_tiny_kitten_tts, build_tiny_whisper
 from tests.test_server import free_ports, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from load import Lane, leaks, soak
-
-BUILDERS = {
-    "chat": ("chat", build_tiny_chat),
-    "emb": ("embedding", build_tiny_qwen3_embedding),
-    "asr": ("asr", build_tiny_whisper),
-    "tts": ("tts", build_tiny_kitten_tts),
-}
+from load import leaks, soak
+from soak_scenarios import BUILDERS, LANES, tight_config
 
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Four tiny models of ~4-6 MiB each (weights + a 4 MiB working reserve) under a 12 MiB budget: two fit."""
     root = tmp_path_factory.mktemp("soak")
-    tables = [
-        f'[models.{name}]\nkind = "{kind}"\npath = "{build(root / name)}"\nmemory_reserve = "4MiB"\n'
-        for name, (kind, build) in BUILDERS.items()
-    ]
     config = root / "soak.toml"
-    config.write_text('[server]\nmemory_budget = "12MiB"\nload_timeout = 20\n' + "\n".join(tables))
+    config.write_text("[server]\n" + tight_config(root))
     port = free_ports(1)[0]
     env = {**os.environ, "MLXPOOL_PORTS": str(port)}
     process = subprocess.Popen(
@@ -57,8 +45,7 @@ def tight_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_a_mixed_load_that_cannot_fit_stays_within_the_budget(tight_server: str) -> None:
-    lanes = [Lane("chat", 2, "chat"), Lane("embeddings", 1, "emb"), Lane("asr", 1, "asr"), Lane("tts", 1, "tts")]
-    report = asyncio.run(soak(tight_server, lanes, seconds=30, chat_tokens=16))
+    report = asyncio.run(soak(tight_server, LANES, seconds=30, chat_tokens=16))
     assert report["samples"] > 100 and report["within_budget"], report["peak"]
     assert report["pass"], report["errors"]  # every request succeeded or got 503 with Retry-After
     assert all(kind["ok"] > 0 for kind in report["load"].values()), report["load"]  # every kind took turns

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import load
 from load import Lane, Record, arrivals_during, memory_verdict, parse_lane, percentile, schedule, summarize
+
+
+@contextlib.asynccontextmanager
+async def serving(routes: list[web.RouteDef]) -> AsyncIterator[str]:
+    """A fake server on a free loopback port; yields its URL."""
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -97,21 +114,11 @@ async def test_a_load_from_its_own_process_runs_around_the_requests_measured_bes
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    app = web.Application()
-    app.add_routes([web.post("/v1/embeddings", embeddings), web.post("/v1/chat/completions", chat)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     monkeypatch.setattr(load, "LEAD", 3.0)  # the child's start-up on a slow machine
-    try:
+    routes = [web.post("/v1/embeddings", embeddings), web.post("/v1/chat/completions", chat)]
+    async with serving(routes) as url:
         started = time.perf_counter()
-        chats, probes = await load.beside(
-            f"http://127.0.0.1:{port}", [Lane("chat", 2, "c")], [Lane("embeddings", 1, "e")], 1.0
-        )
-    finally:
-        await runner.cleanup()
+        chats, probes = await load.beside(url, [Lane("chat", 2, "c")], [Lane("embeddings", 1, "e")], 1.0)
     assert chats and {(r.kind, r.error) for r in chats} == {("chat", None)}
     assert probes and {(r.kind, r.error) for r in probes} == {("embeddings", None)}
     assert min(r.started for r in probes) >= started + 3.0
@@ -124,21 +131,35 @@ async def test_a_paced_lane_waits_between_its_requests() -> None:
     async def embeddings(request: web.Request) -> web.Response:
         return web.json_response({"data": []})
 
-    app = web.Application()
-    app.add_routes([web.post("/v1/embeddings", embeddings)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
+    async with serving([web.post("/v1/embeddings", embeddings)]) as url:
         paced = await load.run_lanes(url, [Lane("embeddings", 1, "e", pause=0.1)], 0.5)
         free = await load.run_lanes(url, [Lane("embeddings", 1, "e")], 0.5)
-    finally:
-        await runner.cleanup()
     starts = [r.started for r in paced]
     assert 3 <= len(starts) <= 6 and all(b - a >= 0.1 for a, b in itertools.pairwise(starts))
     assert len(free) > 2 * len(paced)
+
+
+async def test_leaks_takes_its_baseline_once_memory_has_settled() -> None:
+    """A fake server whose first cycle leaves 2 MB held a while (freed by the second), then leaks 3 KB per unload:
+    a baseline taken after one cycle would hide the leak under the freed 2 MB."""
+    unloads = 0
+
+    def active() -> int:
+        return 200_000 + (2_000_000 if unloads <= 2 else 0) + 3_000 * max(0, unloads - 4)
+
+    async def admin(request: web.Request) -> web.Response:
+        nonlocal unloads
+        unloads += request.match_info["verb"] == "unload"
+        return web.json_response({})
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"active_memory_bytes": active(), "rss_bytes": 10**8, "used_bytes": 0})
+
+    async with serving([web.post("/admin/models/{model}/{verb}", admin), web.get("/admin/models", status)]) as url:
+        report = await load.leaks(url, ["a", "b"], cycles=10)
+    assert report["before"]["active_memory_bytes"] == 200_000  # after the second warm-up cycle, not the first
+    assert report["after"]["active_memory_bytes"] == 200_000 + 3_000 * (6 + 20 - 4)  # 3 warm-up cycles, 10 measured
+    assert not report["pass"]
 
 
 def test_a_busy_thread_gains_cpu_time_and_an_idle_one_does_not() -> None:
