@@ -130,9 +130,14 @@ async def test_a_conversation_with_a_tool_result_goes_on(served: Served) -> None
         {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny, 21 C"},
     ]
     response = await served.openai.chat.completions.create(
-        model="chat", messages=history, tools=[WEATHER], max_tokens=4
-    )
+        model="chat", messages=history, tools=[WEATHER], max_tokens=4, temperature=0
+    )  # greedy: the random model sampled at 1.0 may end early ("stop")
     assert response.choices[0].finish_reason == "length"
+    without = await served.openai.chat.completions.create(
+        model="chat", messages=history[:-1], tools=[WEATHER], max_tokens=1, temperature=0
+    )
+    assert response.usage is not None and without.usage is not None
+    assert response.usage.prompt_tokens > without.usage.prompt_tokens  # the tool result is in the prompt
 
 
 def test_template_input_has_arguments_as_an_object() -> None:
