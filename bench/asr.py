@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import output
 from chat import free_port, wait_up
 
 TEXT = (
@@ -131,10 +131,7 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=60)
     result["server_over_direct"] = result["server"]["rtf"] / result["direct"]["rtf"]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    output.report(result, args.out)
     server, concurrent = result["server"], result["server"]["concurrent"]
     print(
         f"\naudio {seconds:.1f} s: direct RTF {result['direct']['rtf']:.1f}, server RTF {server['rtf']:.1f} "

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import chat
+import output
 from load import percentile
 
 ENVS = {
@@ -130,10 +131,7 @@ def main() -> None:
         out = subprocess.run(command, env={**os.environ, **ENVS[env]}, capture_output=True, text=True, check=True)
         results[env] = json.loads(out.stdout.splitlines()[-1])
         print(env, json.dumps({k: v["wall_ms"]["p50"] for k, v in results[env].items()}), flush=True)
-    text = json.dumps(results, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    output.report(results, args.out)
 
 
 if __name__ == "__main__":

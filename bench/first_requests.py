@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import chat
 import embeddings
 import load
+import output
 
 
 def kernels(directory: Path) -> list[str]:
@@ -93,10 +93,7 @@ def main() -> None:
             result["arms"].append(
                 one_arm(chat_path, embedding_path, arm == "warm", args.streams, args.seconds, workdir)
             )
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    output.report(result, args.out)
     for arm in result["arms"]:
         first = arm["first"]
         print(

@@ -12,7 +12,6 @@ batch, and the decode step after; against a plain decode step.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import chat
 import mlx.core as mx
+import output
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
@@ -130,10 +130,7 @@ def main() -> None:
         for name, times in (("extend", joins), ("decode_after_join", decodes), ("filter_back", filters)):
             rows[name] = {"first_ms": round(times[0], 2), "median_ms": round(statistics.median(times[1:]), 2)}
         result[f"group_{n}"] = rows
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    output.report(result, args.out)
 
 
 if __name__ == "__main__":

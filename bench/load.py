@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import output
 
 KINDS = ("chat", "embeddings", "asr", "tts")
 COMPLETIONS = False
@@ -448,11 +449,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "leaks": lambda: leaks(args.url, args.model, args.cycles),
         "connections": lambda: connections(args.url, args.chat_model, args.clients),
     }[args.scenario]
-    report = {"scenario": args.scenario, **asyncio.run(scenario())}
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    output.report({"scenario": args.scenario, **asyncio.run(scenario())}, args.out)
 
 
 async def _mix(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,7 +12,6 @@ beside the tokens/s. Linux only (/proc).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import chat
 import load
+import output
 from pool_scenarios import start
 
 ARMS = ("h11", "httptools")
@@ -78,10 +78,7 @@ def main() -> None:
     result["median_loop_cpu_us_per_token"] = {
         arm: statistics.median(r["loop_cpu_us_per_token"] for r in rs) for arm, rs in runs.items()
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    output.report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +21,7 @@ from typing import Any
 import chat
 import embeddings
 import load
+import output
 
 
 def start(config: str, workdir: Path, port: int, trace: Path | None = None) -> subprocess.Popen[bytes]:
@@ -84,10 +84,7 @@ def main() -> None:
             finally:
                 server.terminate()
                 server.wait(timeout=60)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    output.report(result, args.out)
     print(_headline(result))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import chat
 import embeddings
 import httpx
 import load
+import output
 from pool_scenarios import start
 
 PROMPT = "hello there " * 10
@@ -86,10 +86,7 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=60)
     result = {"waves": args.waves, "size": args.size, "loop_cpu_ms_per_request": costs}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    output.report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ For batch sizes, temperatures and prompt lengths not seen before, times (each `m
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import chat
 import mlx.core as mx
+import output
 
 
 def timed(fn: Any) -> float:
@@ -71,10 +71,7 @@ def main() -> None:
         again = first_and_again(lambda p=prompt: model(p, cache=make_prompt_cache(model)))
         rows["prefill"].append({"batch": 4, "length": n, **again})
     result |= rows
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    output.report(result, args.out)
     for name, entries in rows.items():
         worst = max(entries, key=lambda e: e["first_ms"])
         print(f"{name}: worst first call {worst['first_ms']:.1f} ms ({worst}), again {worst['again_ms']:.1f} ms")

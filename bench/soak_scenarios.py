@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -19,6 +18,7 @@ from typing import Any
 
 import chat
 import load
+import output
 from pool_scenarios import start
 
 from mlxpool.demo import build_tiny_chat, build_tiny_qwen3_embedding
@@ -65,10 +65,7 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=60)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    output.report(result, args.out)
 
 
 if __name__ == "__main__":
