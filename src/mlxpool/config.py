@@ -146,7 +146,15 @@ class ServerSettings(BaseModel):
     cut into while other models have had work within the last second: between pieces, their waiting steps run, so
     an embedding waits for a piece rather than the whole step (engines/pieces.py). 1: never cut. A model working
     alone, and steady decode steps, are never cut (cutting every step cost up to half of a chat batch's tokens/s on
-    the measured H200: docs/benchmarks.md)."""
+    the measured H200: docs/benchmarks.md), unless `wait_in_pieces`."""
+    wait_in_pieces: bool | None = None
+    """Whether text models cut every batch step into `forward_pieces` while other models have had work within the
+    last second, and the worker waits for each step piece by piece, letting the others' waiting steps run between
+    pieces (engines/pieces.py). Where MLX computes on the CPU, the worker otherwise waits out a whole step's compute
+    before an embedding can start: on the 2-core CPU box the embedding p99 under 64 chat streams went from about 3x
+    its idle p99 to about 2x, for about a fifth of the chat tokens/s while shared (docs/benchmarks.md). None: on
+    MLX's CPU backend only (on a GPU a step's cost is mostly the worker's own host work, which the cuts of costly
+    steps already bound)."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
 

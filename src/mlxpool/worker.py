@@ -110,11 +110,17 @@ class Job:
 
 
 class Worker:
-    def __init__(self, gil: GilSlices | None = None, pieces: int = 1, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, gil: GilSlices | None = None, pieces: int = 1, waits_in_pieces: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):  # fmt: skip
         self._wake = threading.Condition()
         self._gil = gil
         self.pieces = pieces
         """Pieces a text model's forward pass is cut into while the worker has company (engines/pieces.py)."""
+        self.waits_in_pieces = waits_in_pieces
+        """While the worker has company, text models cut every batch step and wait for it piece by piece (MLX's CPU
+        backend: engines/pieces.py)."""
         self._company = Company(clock=clock)
         self.shared = False
         """Two or more items have had work lately (set before each step)."""

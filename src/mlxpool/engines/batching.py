@@ -184,6 +184,11 @@ class ContinuousBatch:
     def __len__(self) -> int:
         return len(self.waiting) + len(self.group.rows) + len(self.running)
 
+    def in_flight(self) -> list[Any]:
+        """The running batch's next tokens: launched by the last decode step (or join), which the next waits for."""
+        tokens = self.running._next_tokens if self.running.uids else None
+        return [tokens] if tokens is not None else []
+
     @property
     def nbytes(self) -> int:
         waiting = sum(c.nbytes for n in self.waiting for c in n.cache)

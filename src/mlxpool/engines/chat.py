@@ -75,8 +75,8 @@ class ChatEngine:
         self.generated_tokens = 0
         layers = text_layers(model)
         costly = weakref.WeakMethod(self._costly)  # the layers must not keep the engine (and so the model) alive
-        self.piece_ends = cut_into_pieces(layers, worker, lambda: bool((m := costly()) and m())) if layers else 0
-        """Layers that end a piece of the forward pass (engines/pieces.py)."""
+        self.cut = cut_into_pieces(layers or [], worker, lambda: bool((m := costly()) and m()))
+        """Where the forward pass ends its pieces (engines/pieces.py)."""
 
     # --- loop side -------------------------------------------------------------------------------------------
 
@@ -184,6 +184,8 @@ class ChatEngine:
         """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
         if self._solo is not None:
             return self._solo_step()
+        if self.worker.waits_in_pieces and self.worker.shared:
+            self.cut.wait(self.generator.in_flight())
         _, responses = self.generator.next()
         finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
         if self.prompt_cache is not None and finished:
@@ -210,10 +212,12 @@ class ChatEngine:
         return cache, list(rest)
 
     def _costly(self) -> bool:
-        """Whether this step's forward pass is worth cutting into pieces: batch steps that change the batch or read
-        prompts (engines/batching.py). mlx-vlm's generator does not say, so its steps stay whole, and a lone
-        sequence's steps are one row: never."""
-        return self._solo is None and bool(getattr(self.generator, "costly", False))
+        """Whether this step's forward pass is worth cutting into pieces: every batch step where the worker waits in
+        pieces, else the batch steps that change the batch or read prompts (engines/batching.py). mlx-vlm's generator
+        does not say, so its steps stay whole, and a lone sequence's steps are one row: never."""
+        if self._solo is not None or not hasattr(self.generator, "costly"):
+            return False
+        return self.worker.waits_in_pieces or bool(self.generator.costly)
 
     def _count_cache(self) -> None:
         """Publish the bytes of the prompt cache and of the KV of sequences in flight."""
