@@ -152,7 +152,7 @@ class ServerSettings(BaseModel):
     last second, and the worker waits for each step piece by piece, letting the others' waiting steps run between
     pieces (engines/pieces.py). Where MLX computes on the CPU, the worker otherwise waits out a whole step's compute
     before an embedding can start: on the 2-core CPU box the embedding p99 under 64 chat streams went from about 3x
-    its idle p99 to about 2x, for about a fifth of the chat tokens/s while shared (docs/benchmarks.md). None: on
+    its idle p99 to about 2x, for 3-20% of the chat tokens/s while shared (docs/benchmarks.md). None: on
     MLX's CPU backend only (on a GPU a step's cost is mostly the worker's own host work, which the cuts of costly
     steps already bound)."""
 
