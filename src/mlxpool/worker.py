@@ -133,8 +133,6 @@ class Worker:
         """When the current item's step began."""
         self._handed_over = 0.0
         """Seconds of the current item's step that steps between its pieces took."""
-        self._own_seconds: dict[int, float] = {}
-        """Each item's own seconds in its last step (its wall time, less the steps taken between its pieces)."""
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self.active_memory = 0
@@ -167,7 +165,6 @@ class Worker:
     def remove_engine(self, engine: Steppable) -> None:
         with self._wake:
             self._items.remove(engine)
-        self._own_seconds.pop(id(engine), None)
 
     async def run(self, task: Task[T]) -> tuple[T, int]:
         """Run a generator task step by step on the worker; returns its value and the bytes it allocated."""
@@ -190,20 +187,19 @@ class Worker:
     def between_pieces(self) -> None:
         """Called by the item stepping now, between pieces of its step (worker only): the other engines with work take
         a step here, on MLX's default stream, so they wait for a piece rather than the whole step; least recently
-        stepped first, and only while such steps have taken no longer than the item's own time in this step or in
-        its last, whichever is more. So short steps (an embedding) go at every piece, and long ones (a speech
-        window) at most slow the item's step to twice its length, instead of each going at every piece (that halved
-        a chat batch's tokens/s beside speech models: session 15 in docs/benchmarks.md). Jobs (model loads) keep
-        their turn between whole steps; a step taken here does not hand over again."""
+        stepped first, and only while such steps have taken no more of this step's time than the item itself. So
+        another model's work moves earlier and its share of the worker stays about a step per round (handing over to
+        every engine at every piece halved a chat batch's tokens/s beside speech models' longer steps: session 15 in
+        docs/benchmarks.md). Jobs (model loads) keep their turn between whole steps; a step taken here does not hand
+        over again."""
         if self._current is None or self._between or threading.current_thread() is not self._thread:
             return
         self._between = True
         try:
             with mx.stream(mx.default_stream(mx.default_device())):
-                last = self._own_seconds.get(id(self._current), 0.0)
                 for engine in self._waiting_engines():
                     started = self._clock()
-                    if self._handed_over > max(last, started - self._began - self._handed_over):
+                    if self._handed_over > started - self._began - self._handed_over:
                         break
                     if not self._moves_back(engine):
                         continue  # removed meanwhile (its model unloaded)
@@ -256,10 +252,6 @@ class Worker:
                 self._step(item)
             finally:
                 self._current = None
-            if isinstance(item, Job) and item.done:
-                self._own_seconds.pop(id(item), None)
-            else:
-                self._own_seconds[id(item)] = self._clock() - self._began - self._handed_over
 
     def _step(self, item: Job | Steppable) -> None:
         try:
