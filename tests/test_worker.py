@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -170,31 +170,16 @@ async def test_the_worker_shortens_gil_slices_while_two_engines_have_work() -> N
         worker.stop()
 
 
-class Ticks:
-    """A clock that the fake engines advance by the seconds their pieces take."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class PiecesEngine(FakeEngine):
-    """A step in three pieces of `seconds` each on `clock`, handing the worker over between them; `arrive` runs after
-    the first piece."""
+    """A step in three pieces, handing the worker over between them; `arrive` runs after the first piece."""
 
     worker: Worker | None = None
     arrive: Callable[[], None] = lambda: None
-    clock: Ticks | None = None
-    seconds: float = 1.0
 
     def step(self) -> None:
         for piece in range(3):
             self.steps.append(f"{self.name}{piece}")
-            if self.clock is not None:
-                self.clock.now += self.seconds
             if piece == 0:
                 self.arrive()
             if piece < 2 and self.worker is not None:
@@ -202,17 +187,7 @@ class PiecesEngine(FakeEngine):
         super().step()
 
 
-@pytest.fixture
-async def ticking() -> AsyncIterator[tuple[Worker, Ticks]]:
-    clock = Ticks()
-    worker = Worker(clock=clock)
-    worker.start()
-    yield worker, clock
-    worker.stop()
-
-
-async def test_engines_with_work_step_between_the_pieces_of_another_step(ticking: tuple[Worker, Ticks]) -> None:
-    worker, clock = ticking
+async def test_engines_with_work_step_between_the_pieces_of_another_step(worker: Worker) -> None:
     order: list[str] = []
     loading = threading.Event()
 
@@ -226,8 +201,8 @@ async def test_engines_with_work_step_between_the_pieces_of_another_step(ticking
     def arrive() -> None:  # work for the other engine and the load arrive while `long` is in its step
         quick.pending = 2
 
-    long = PiecesEngine("long", None, steps=order, worker=worker, arrive=arrive, clock=clock, seconds=10)
-    quick = PiecesEngine("quick", None, steps=order, worker=worker, clock=clock)  # its pieces do not hand over again
+    long = PiecesEngine("long", None, steps=order, worker=worker, arrive=arrive)
+    quick = PiecesEngine("quick", None, steps=order, worker=worker)  # its own pieces do not hand over again
     worker.add_engine(long)
     worker.add_engine(quick)
     job = asyncio.ensure_future(worker.run(load()))
@@ -240,30 +215,6 @@ async def test_engines_with_work_step_between_the_pieces_of_another_step(ticking
     quick_step = ["quick0", "quick1", "quick2", "quick"]
     assert step == ["long0", *quick_step, "long1", *quick_step, "long2", "long"], order
     assert worker.steps_between == 2
-
-
-async def test_steps_between_pieces_take_no_more_of_a_step_than_its_own_pieces(ticking: tuple[Worker, Ticks]) -> None:
-    """A slow engine's step (25 s) after the first 10 s piece outweighs it: the next handover waits for the item's
-    next step; quick work that arrives then waits too, and slow goes to the back of the round."""
-    worker, clock = ticking
-    order: list[str] = []
-    done = threading.Event()
-
-    def arrive() -> None:
-        slow.pending = 1
-        quick.pending = 1
-
-    long = PiecesEngine("long", None, steps=order, worker=worker, arrive=arrive, clock=clock, seconds=10)
-    slow = PiecesEngine("slow", None, steps=order, clock=clock, seconds=25 / 3)
-    quick = PiecesEngine("quick", None, steps=order, clock=clock, seconds=0.1)
-    for engine in (quick, slow, long):
-        worker.add_engine(engine)  # long first in the round, then slow, then quick
-    long.pending = 1
-    quick.arrive = done.set
-    worker.wake()
-    await asyncio.to_thread(done.wait, 5)
-    assert order[:9] == ["long0", "slow0", "slow1", "slow2", "slow", "long1", "long2", "long", "quick0"], order
-    assert worker.steps_between == 1
 
 
 def test_between_pieces_does_nothing_off_the_worker_thread() -> None:

@@ -121,7 +121,6 @@ class Worker:
         self.waits_in_pieces = waits_in_pieces
         """While the worker has company, text models cut every batch step and wait for it piece by piece (MLX's CPU
         backend: engines/pieces.py)."""
-        self._clock = clock
         self._company = Company(clock=clock)
         self.shared = False
         """Two or more items have had work lately (set before each step)."""
@@ -129,10 +128,6 @@ class Worker:
         """Jobs and engines, least recently stepped first."""
         self._current: Job | Steppable | None = None
         self._between = False
-        self._began = 0.0
-        """When the current item's step began."""
-        self._handed_over = 0.0
-        """Seconds of the current item's step that steps between its pieces took."""
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self.active_memory = 0
@@ -185,43 +180,28 @@ class Worker:
         return value
 
     def between_pieces(self) -> None:
-        """Called by the item stepping now, between pieces of its step (worker only): the other engines with work take
-        a step here, on MLX's default stream, so they wait for a piece rather than the whole step; least recently
-        stepped first, and only while such steps have taken no more of this step's time than the item itself. So
-        another model's work moves earlier and its share of the worker stays about a step per round (handing over to
-        every engine at every piece halved a chat batch's tokens/s beside speech models' longer steps: session 15 in
-        docs/benchmarks.md). Jobs (model loads) keep their turn between whole steps; a step taken here does not hand
-        over again."""
+        """Called by the item stepping now, between pieces of its step (worker only): every other engine with work
+        takes a step here, on MLX's default stream, so it waits for a piece rather than the whole step. Jobs (model
+        loads) keep their turn between whole steps; a step taken here does not hand over again."""
         if self._current is None or self._between or threading.current_thread() is not self._thread:
             return
         self._between = True
         try:
             with mx.stream(mx.default_stream(mx.default_device())):
                 for engine in self._waiting_engines():
-                    started = self._clock()
-                    if self._handed_over > started - self._began - self._handed_over:
-                        break
-                    if not self._moves_back(engine):
-                        continue  # removed meanwhile (its model unloaded)
                     self._step(engine)
-                    self._handed_over += self._clock() - started
                     self.steps_between += 1
         finally:
             self._between = False
 
     def _waiting_engines(self) -> list[Steppable]:
-        """The engines other than the current item that have work, least recently stepped first."""
+        """The engines other than the current item that have work, least recently stepped first (they move back)."""
         with self._wake:
-            return [i for i in self._items if i is not self._current and not isinstance(i, Job) and i.has_work()]
-
-    def _moves_back(self, item: Job | Steppable) -> bool:
-        """Move `item` to the back of the queue (stepped most recently); false if it is no longer there."""
-        with self._wake:
-            if item not in self._items:
-                return False
-            self._items.remove(item)
-            self._items.append(item)
-            return True
+            engines = [i for i in self._items if i is not self._current and not isinstance(i, Job) and i.has_work()]
+            for engine in engines:
+                self._items.remove(engine)
+                self._items.append(engine)
+        return engines
 
     def _next(self) -> Job | Steppable | None:
         """The runnable item stepped least recently (it moves to the back), or None when stopping."""
@@ -247,7 +227,6 @@ class Worker:
         self.baseline_memory = self.active_memory = mx.get_active_memory()
         while (item := self._next()) is not None:
             self._current = item
-            self._began, self._handed_over = self._clock(), 0.0
             try:
                 self._step(item)
             finally:
