@@ -147,14 +147,14 @@ class ServerSettings(BaseModel):
     an embedding waits for a piece rather than the whole step (engines/pieces.py). 1: never cut. A model working
     alone, and steady decode steps, are never cut (cutting every step cost up to half of a chat batch's tokens/s on
     the measured H200: docs/benchmarks.md), unless `wait_in_pieces`."""
-    wait_in_pieces: bool | None = None
+    wait_in_pieces: bool = False
     """Whether text models cut every batch step into `forward_pieces` while other models have had work within the
     last second, and the worker waits for each step piece by piece, letting the others' waiting steps run between
-    pieces (engines/pieces.py). Where MLX computes on the CPU, the worker otherwise waits out a whole step's compute
+    pieces (engines/pieces.py). Where MLX computes on the CPU the worker otherwise waits out a whole step's compute
     before an embedding can start: on the 2-core CPU box the embedding p99 under 64 chat streams went from about 3x
-    its idle p99 to about 2x, for 3-20% of the chat tokens/s while shared (docs/benchmarks.md). None: on
-    MLX's CPU backend only (on a GPU a step's cost is mostly the worker's own host work, which the cuts of costly
-    steps already bound)."""
+    its idle p99 to about 2x, for 3-20% of the chat tokens/s. But in a mixed soak beside speech models it halved the
+    chat tokens/s and the embeddings and speech served, so it is off by default (docs/benchmarks.md, session 15). On
+    a GPU, waiting for every step costs about half of the chat tokens/s."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)
 

@@ -28,8 +28,3 @@ def machine_memory() -> int:
         if info.get(key):
             return int(info[key])
     return _ram()
-
-
-def computes_on_cpu() -> bool:
-    """Whether MLX's default device is the CPU (MLX's CPU backend: no GPU, or a CPU-only build)."""
-    return bool(mx.default_device() == mx.cpu)

@@ -94,7 +94,7 @@ def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_chat(tmp_path_factory.mktemp("pieces") / "qwen3")
 
 
-@pytest.fixture(params=[None, False], ids=["wait-default", "no-wait"])
+@pytest.fixture(params=[True, False], ids=["wait", "no-wait"])
 async def served(
     serve: ServeFactory, tiny_chat: Path, tiny_models: dict[str, Path], request: pytest.FixtureRequest
 ) -> AsyncIterator[Served]:
@@ -119,7 +119,7 @@ async def test_other_engines_step_inside_chat_steps_and_the_answers_stay_the_sam
     chat = served.pool.entries["chat"].engine
     assert isinstance(chat, ChatEngine) and chat.cut.ends == 1
     worker = served.pool.worker
-    assert worker.waits_in_pieces == (served.app.state.settings.server.wait_in_pieces is None)  # None: on the CPU
+    assert worker.waits_in_pieces == served.app.state.settings.server.wait_in_pieces
     prompts = [f"Tell me about the sea, story {i}." for i in range(4)]
     alone = [await answer(served, p) for p in prompts]  # one at a time, with no company: never cut
     assert worker.steps_between == 0
