@@ -11,9 +11,10 @@ and the decode step after the batch changed (engines/batching.py). A model worki
 
 On MLX's CPU backend a step's wall time is the CPU stream's compute, and the worker waits it out whole (mlx-lm's
 generator evaluates a step's tokens while the next step computes). With `wait_in_pieces` (`Worker.waits_in_pieces`;
-off by default: it halved a mixed soak's throughput, docs/benchmarks.md) every batch step is cut while the worker has company, and before the next step the engine waits for the last one piece by piece
-(`Cut.wait`), letting waiting engines step after each piece: an embedding that arrives waits for a piece of
-compute, not a step. A piece ends after a layer's attention or after a layer, so even a 2-layer model is cut in 4.
+off by default: it halved a mixed soak's throughput, docs/benchmarks.md) every batch step is cut while the worker
+has company, and before the next step the engine waits for the last one piece by piece (`Cut.wait`), letting
+waiting engines step after each piece: an embedding that arrives waits for a piece of compute, not a step. A piece
+ends after a layer's attention or after a layer, so even a 2-layer model is cut in 4.
 """
 
 from __future__ import annotations
