@@ -187,8 +187,39 @@ class PiecesEngine(FakeEngine):
         super().step()
 
 
-async def test_engines_with_work_step_between_the_pieces_of_another_step(worker: Worker) -> None:
-    order: list[str] = []
+@dataclass
+class TimedPieces(PiecesEngine):
+    """Its steps take `cost` seconds of a shared fake clock."""
+
+    now: list[float] = field(default_factory=lambda: [0.0])
+    cost: float = 0.0
+
+    def step(self) -> None:
+        self.now[0] += self.cost
+        super().step()
+
+
+@pytest.fixture
+def timed() -> Iterator[tuple[Worker, list[float]]]:
+    """A started worker on a fake clock that `TimedPieces` steps move on."""
+    now = [0.0]
+    worker = Worker(clock=lambda: now[0])
+    worker.start()
+    yield worker, now
+    worker.stop()
+
+
+async def step_alone(worker: Worker, *engines: TimedPieces) -> None:
+    """One step of each engine in turn, with no other work (the worker times it)."""
+    for engine in engines:
+        engine.pending = 1
+        worker.wake()
+        while engine.pending:
+            await asyncio.sleep(0.001)
+
+
+async def test_engines_with_work_step_between_the_pieces_of_another_step(timed: tuple[Worker, list[float]]) -> None:
+    (worker, now), order = timed, list[str]()
     loading = threading.Event()
 
     def load() -> Task[str]:
@@ -201,10 +232,13 @@ async def test_engines_with_work_step_between_the_pieces_of_another_step(worker:
     def arrive() -> None:  # work for the other engine and the load arrive while `long` is in its step
         quick.pending = 2
 
-    long = PiecesEngine("long", None, steps=order, worker=worker, arrive=arrive)
-    quick = PiecesEngine("quick", None, steps=order, worker=worker)  # its own pieces do not hand over again
+    long = TimedPieces("long", None, steps=order, worker=worker, now=now, cost=0.010)
+    quick = TimedPieces("quick", None, steps=order, worker=worker, now=now, cost=0.001)  # does not hand over again
     worker.add_engine(long)
     worker.add_engine(quick)
+    await step_alone(worker, long, quick)  # engines not yet timed keep their turn
+    order.clear()
+    long.arrive = arrive
     job = asyncio.ensure_future(worker.run(load()))
     await asyncio.to_thread(loading.wait, 5)
     order.clear()
@@ -215,6 +249,72 @@ async def test_engines_with_work_step_between_the_pieces_of_another_step(worker:
     quick_step = ["quick0", "quick1", "quick2", "quick"]
     assert step == ["long0", *quick_step, "long1", *quick_step, "long2", "long"], order
     assert worker.steps_between == 2
+
+
+async def test_engines_whose_steps_are_longer_keep_their_turn_between_whole_steps(
+    timed: tuple[Worker, list[float]],
+) -> None:
+    """An engine whose steps take longer than the current item's own (an ASR window beside a chat decode step) does
+    not step between its pieces; one with shorter steps does, and its time is not counted as the item's."""
+    (worker, now), order = timed, list[str]()
+    quick = TimedPieces("quick", None, steps=order, now=now, cost=0.001)
+    slow = TimedPieces("slow", None, steps=order, now=now, cost=0.0105)  # longer than long's own 10 ms, not 11
+
+    def arrive() -> None:
+        quick.pending = slow.pending = 1
+
+    long = TimedPieces("long", None, steps=order, worker=worker, now=now, cost=0.010)
+    for engine in (slow, quick, long):
+        worker.add_engine(engine)
+    await step_alone(worker, slow, quick, long)
+    long.arrive = arrive
+    for _ in range(2):  # the second time too: the quick step taken between long's pieces is not long's
+        order.clear()
+        await step_alone(worker, long)
+        while slow.pending:
+            await asyncio.sleep(0.001)
+        step = order[: order.index("long") + 1]
+        assert step == ["long0", "quick0", "quick1", "quick2", "quick", "long1", "long2", "long"], order
+        assert order[order.index("long") + 1 :] == ["slow0", "slow1", "slow2", "slow"]
+    slow.cost = 0.0  # a short step (an ASR job's last) does not make its steps short
+    await step_alone(worker, slow)
+    order.clear()
+    await step_alone(worker, long)
+    while slow.pending:
+        await asyncio.sleep(0.001)
+    assert order[order.index("long") + 1 :] == ["slow0", "slow1", "slow2", "slow"]
+
+
+async def test_engines_not_yet_timed_keep_their_turn(timed: tuple[Worker, list[float]]) -> None:
+    """Before its first step an engine's length is unknown: it neither has others step between its pieces nor steps
+    between another's."""
+    (worker, now), order = timed, list[str]()
+    quick = TimedPieces("quick", None, steps=order, now=now, cost=0.001)
+    fresh = TimedPieces("fresh", None, steps=order, now=now, cost=0.001)  # a model just loaded
+    long = TimedPieces("long", None, steps=order, worker=worker, now=now, cost=0.010)
+    worker.add_engine(quick)
+    await step_alone(worker, quick)
+
+    async def step_long(arrive: Callable[[], None]) -> None:
+        order.clear()
+        long.arrive = arrive
+        await step_alone(worker, long)
+        while quick.pending or fresh.pending:
+            await asyncio.sleep(0.001)
+
+    def only_quick() -> None:
+        quick.pending = 1
+
+    def both() -> None:
+        quick.pending = fresh.pending = 1
+
+    worker.add_engine(long)
+    await step_long(only_quick)  # long's first step
+    assert order == ["long0", "long1", "long2", "long", "quick0", "quick1", "quick2", "quick"]
+    worker.add_engine(fresh)
+    await step_long(both)  # fresh's first step
+    assert order[:8] == ["long0", "quick0", "quick1", "quick2", "quick", "long1", "long2", "long"]
+    assert order[8:] == ["fresh0", "fresh1", "fresh2", "fresh"]
 
 
 def test_between_pieces_does_nothing_off_the_worker_thread() -> None:

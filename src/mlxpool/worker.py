@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Task = Generator[None, None, T]
 GC_SLACK = 2**20
+RECENT_STEPS = 4
 
 
 def choose_cuda_attention(cudnn: bool, environ: MutableMapping[str, str] = os.environ) -> None:
@@ -137,6 +140,12 @@ class Worker:
         self.steps = 0
         self.steps_between = 0
         """Engine steps run between the pieces of another item's step."""
+        self._clock = clock
+        self._took: dict[int, deque[float]] = {}
+        """Each engine's last few steps, in seconds of its own (the steps taken between its pieces not counted), by
+        id."""
+        self._nested = 0.0
+        """Seconds of all the steps taken between pieces so far."""
 
     def start(self) -> None:
         self._thread.start()
@@ -160,6 +169,7 @@ class Worker:
     def remove_engine(self, engine: Steppable) -> None:
         with self._wake:
             self._items.remove(engine)
+            self._took.pop(id(engine), None)
 
     async def run(self, task: Task[T]) -> tuple[T, int]:
         """Run a generator task step by step on the worker; returns its value and the bytes it allocated."""
@@ -182,7 +192,9 @@ class Worker:
     def between_pieces(self) -> None:
         """Called by the item stepping now, between pieces of its step (worker only): every other engine with work
         takes a step here, on MLX's default stream, so it waits for a piece rather than the whole step. Jobs (model
-        loads) keep their turn between whole steps; a step taken here does not hand over again."""
+        loads) keep their turn between whole steps, and so do engines whose steps are longer than the current item's
+        (an ASR window beside a chat decode step): they would gain little, and stepping at every piece they would take
+        the worker from everyone else. A step taken here does not hand over again."""
         if self._current is None or self._between or threading.current_thread() is not self._thread:
             return
         self._between = True
@@ -195,13 +207,25 @@ class Worker:
             self._between = False
 
     def _waiting_engines(self) -> list[Steppable]:
-        """The engines other than the current item that have work, least recently stepped first (they move back)."""
+        """The engines other than the current item that have work and steps no longer than its last, least recently
+        stepped first (they move back)."""
+        longest = self._longest_step(self._current)
         with self._wake:
-            engines = [i for i in self._items if i is not self._current and not isinstance(i, Job) and i.has_work()]
+            engines = [
+                i for i in self._items
+                if i is not self._current and not isinstance(i, Job) and i.has_work()
+                and self._longest_step(i) <= longest < math.inf  # an engine not yet timed keeps its turn
+            ]  # fmt: skip
             for engine in engines:
                 self._items.remove(engine)
                 self._items.append(engine)
         return engines
+
+    def _longest_step(self, item: Job | Steppable | None) -> float:
+        """The longest of an engine's last few steps (an ASR job's short last step says nothing of its windows);
+        infinite before its first."""
+        took = self._took.get(id(item))
+        return max(took) if took else math.inf
 
     def _next(self) -> Job | Steppable | None:
         """The runnable item stepped least recently (it moves to the back), or None when stopping."""
@@ -233,10 +257,16 @@ class Worker:
                 self._current = None
 
     def _step(self, item: Job | Steppable) -> None:
+        start, nested = self._clock(), self._nested
         try:
             item.step()
         except Exception:
             log.exception("worker step failed in %r", item)
+        took = self._clock() - start
+        if not isinstance(item, Job):
+            self._took.setdefault(id(item), deque(maxlen=RECENT_STEPS)).append(took - (self._nested - nested))
+        if self._between:
+            self._nested += took
         self.steps += 1
         if isinstance(item, Job) and item.done:
             with self._wake:
