@@ -317,6 +317,39 @@ async def test_engines_not_yet_timed_keep_their_turn(timed: tuple[Worker, list[f
     assert order[8:] == ["fresh0", "fresh1", "fresh2", "fresh"]
 
 
+async def test_an_item_hands_over_only_while_a_quicker_engine_keeps_it_company(
+    timed: tuple[Worker, list[float]],
+) -> None:
+    """`hands_over` (which cuts and waits in pieces, engines/pieces.py) holds for a step only when the worker is
+    shared and another engine's steps are no longer than the item's: beside only slower engines a chat step stays
+    whole."""
+    (worker, now), order = timed, list[str]()
+    seen: list[bool] = []
+    long = TimedPieces("long", None, steps=order, worker=worker, now=now, cost=0.010)
+    slow = TimedPieces("slow", None, steps=order, now=now, cost=0.050)
+    quick = TimedPieces("quick", None, steps=order, now=now, cost=0.001)
+    for engine in (long, slow, quick):
+        worker.add_engine(engine)
+    await step_alone(worker, long, slow)
+    long.arrive = lambda: seen.append(worker.hands_over)
+
+    async def together(*engines: TimedPieces) -> None:
+        for engine in engines:
+            engine.pending = 1
+        worker.wake()
+        while any(engine.pending for engine in engines):
+            await asyncio.sleep(0.001)
+
+    await together(long, slow)
+    assert seen == [False] and worker.shared  # company, but slower
+    await step_alone(worker, quick)
+    await together(long, slow)
+    assert seen == [False, True]
+    now[0] += 2.0  # a while later, alone
+    await step_alone(worker, long)
+    assert seen == [False, True, False] and not worker.shared
+
+
 def test_between_pieces_does_nothing_off_the_worker_thread() -> None:
     worker = Worker()
     quick = FakeEngine("quick", None, pending=1)

@@ -1,4 +1,4 @@
-"""How much memory this machine's MLX device has (call on the MLX worker inside the server)."""
+"""What this machine's MLX device is and how much memory it has (call on the MLX worker inside the server)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,8 @@ def machine_memory() -> int:
         if info.get(key):
             return int(info[key])
     return _ram()
+
+
+def computes_on_cpu() -> bool:
+    """Whether MLX computes on the CPU (no Metal or CUDA device): `wait_in_pieces = "auto"` turns on there."""
+    return bool(mx.default_device().type == mx.DeviceType.cpu)

@@ -4,8 +4,9 @@ Work arrives as steps. A `Job` is a generator run one `next()` per step (a model
 slices); an engine is a `Steppable` that does one bounded unit of its pending work per step (one embedding
 micro-batch). Each step goes to the runnable item served least recently, so work that arrives while another
 engine's step runs goes next, after that one step; nothing holds the worker for longer. A chat batch's costly steps
-go further: they hand over between pieces of their forward pass while other models have work (`between_pieces`,
-engines/pieces.py), so an embedding waits for a piece of such a step, not all of it.
+go further: they hand over between pieces of their forward pass while models with shorter steps keep it company
+(`hands_over`, `between_pieces`, engines/pieces.py), so an embedding waits for a piece of such a step, not all of
+it.
 Results go back to the event loop with `call_soon_threadsafe`.
 """
 
@@ -127,6 +128,9 @@ class Worker:
         self._company = Company(clock=clock)
         self.shared = False
         """Two or more items have had work lately (set before each step)."""
+        self.hands_over = False
+        """The item stepping now hands the worker over between the pieces of its step: the worker is shared and
+        another engine's steps are no longer than this item's (set before each step; engines/pieces.py)."""
         self._items: list[Job | Steppable] = []
         """Jobs and engines, least recently stepped first."""
         self._current: Job | Steppable | None = None
@@ -209,17 +213,20 @@ class Worker:
     def _waiting_engines(self) -> list[Steppable]:
         """The engines other than the current item that have work and steps no longer than its last, least recently
         stepped first (they move back)."""
-        longest = self._longest_step(self._current)
         with self._wake:
-            engines = [
-                i for i in self._items
-                if i is not self._current and not isinstance(i, Job) and i.has_work()
-                and self._longest_step(i) <= longest < math.inf  # an engine not yet timed keeps its turn
-            ]  # fmt: skip
+            engines = [i for i in self._quicker_engines(self._current) if i.has_work()]
             for engine in engines:
                 self._items.remove(engine)
                 self._items.append(engine)
         return engines
+
+    def _quicker_engines(self, item: Job | Steppable | None) -> list[Steppable]:
+        """The other engines whose steps are no longer than `item`'s; none while either is not yet timed."""
+        longest = self._longest_step(item)
+        return [
+            i for i in self._items
+            if i is not item and not isinstance(i, Job) and self._longest_step(i) <= longest < math.inf
+        ]  # fmt: skip
 
     def _longest_step(self, item: Job | Steppable | None) -> float:
         """The longest of an engine's last few steps (an ASR job's short last step says nothing of its windows);
@@ -251,6 +258,11 @@ class Worker:
         self.baseline_memory = self.active_memory = mx.get_active_memory()
         while (item := self._next()) is not None:
             self._current = item
+            if self.shared:
+                with self._wake:
+                    self.hands_over = bool(self._quicker_engines(item))
+            else:
+                self.hands_over = False
             try:
                 self._step(item)
             finally:

@@ -14,7 +14,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models import qwen3
 
+from mlxpool.api import app
 from mlxpool.demo import build_tiny_chat
+from mlxpool.device import computes_on_cpu
 from mlxpool.engines.chat import ChatEngine
 from mlxpool.engines.pieces import EndsAPiece, cut_into_pieces, text_layers
 from mlxpool.worker import Worker
@@ -48,7 +50,7 @@ def test_the_cut_model_gives_the_same_logits_and_hands_over_only_with_company(mo
 
     alone = model(tokens)
     assert handovers == []
-    worker.shared = True
+    worker.hands_over = True
     shared = model(tokens)
     assert len(handovers) == 3
     assert mx.array_equal(alone, reference) and mx.array_equal(shared, reference)
@@ -76,7 +78,7 @@ def test_a_two_layer_model_is_cut_after_attention_too_and_waited_for_piece_by_pi
         True, True, True, False,
     ]  # fmt: skip
 
-    worker.shared = True
+    worker.hands_over = True
     shared = model(tokens)  # each piece is launched, kept, and handed over after
     assert handovers == [1, 2, 3] and len(cut.launched) == 3
     assert mx.array_equal(shared, reference)
@@ -156,3 +158,19 @@ def test_the_cut_layers_do_not_keep_the_engine_alive(tiny_chat: Path) -> None:
         assert gone() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpu", "waits"),
+    [("auto", True, True), ("auto", False, False), (True, False, True), (False, True, False)],
+)
+async def test_waiting_in_pieces_is_on_by_default_where_mlx_computes_on_the_cpu(
+    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch, setting: bool | str, cpu: bool, waits: bool
+) -> None:
+    monkeypatch.setattr(app, "computes_on_cpu", lambda: cpu)
+    async with serve(make_settings({}, wait_in_pieces=setting)) as s:
+        assert s.pool.worker.waits_in_pieces is waits
+
+
+def test_mlx_computes_on_the_cpu_where_it_has_no_gpu() -> None:
+    assert computes_on_cpu() is not (mx.metal.is_available() or mx.cuda.is_available())

@@ -22,7 +22,7 @@ from mlxpool.api.errors import EXCEPTION_HANDLERS
 from mlxpool.api.limits import BodyLimit
 from mlxpool.clock import Clock
 from mlxpool.config import Settings, parse_size
-from mlxpool.device import machine_memory, usable_memory
+from mlxpool.device import computes_on_cpu, machine_memory, usable_memory
 from mlxpool.engines import Loader, load_engine
 from mlxpool.pool import ModelPool
 from mlxpool.worker import GilSlices, Worker, choose_cuda_attention
@@ -77,8 +77,10 @@ def create_app(settings: Settings, *, loader: Loader = load_engine, clock: Clock
         sys.setswitchinterval(settings.server.gil_switch_interval)
         server = settings.server
         gil = GilSlices(server.gil_switch_interval, server.shared_gil_switch_interval)
-        worker = Worker(gil, server.forward_pieces, server.wait_in_pieces)
+        worker = Worker(gil, server.forward_pieces)
         worker.start()
+        waits = server.wait_in_pieces
+        worker.waits_in_pieces = await worker.call(computes_on_cpu) if waits == "auto" else waits
         gc.freeze()  # start-up objects live forever: keep them out of every later full collection
         budget = parse_size(settings.server.memory_budget, await worker.call(usable_memory))
         machine = settings.for_memory(await worker.call(machine_memory))

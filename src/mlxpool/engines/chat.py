@@ -184,8 +184,8 @@ class ChatEngine:
         """One step: (uid, token, finish reason, log probabilities) per sequence that produced a token."""
         if self._solo is not None:
             return self._solo_step()
-        if self.worker.waits_in_pieces:  # the last step's pieces, and its tokens while the worker has company
-            self.cut.wait(self.generator.in_flight() if self.worker.shared else [])
+        if self.worker.waits_in_pieces:  # the last step's pieces, and its tokens while it hands the worker over
+            self.cut.wait(self.generator.in_flight() if self.worker.hands_over else [])
         _, responses = self.generator.next()
         finished = [r for r in responses if r.finish_reason is not None and r.prompt_cache is not None]
         if self.prompt_cache is not None and finished:
