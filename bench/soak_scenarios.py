@@ -55,11 +55,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--trace", type=Path, help="write mlxpool's worker-step timeline here (bench/step_trace.py)")
     args = parser.parse_args()
     with TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         port = chat.free_port()
-        process = start(tight_config(workdir), workdir, port)
+        process = start(tight_config(workdir), workdir, port, args.trace)
         try:
             result = asyncio.run(scenarios(f"http://127.0.0.1:{port}", args.seconds, args.cycles))
         finally:

@@ -3,10 +3,11 @@
     MLXPOOL_STEP_TRACE=trace.jsonl python bench/step_trace.py serve --config C.toml   # then run a load
     python bench/step_trace.py --summary trace.jsonl
 
-Every chat and embedding engine step is recorded (start, end, and what the batch looked like), and so is every
-chat request and embedding request as the event loop sees it (submitted, first/last result). The file is written
-when the server exits. `--summary` prints, per burst of chat requests, how long the batch took to fill, the
-number of decode steps and their sizes, and, for embeddings, how long requests waited for the worker.
+Every worker step is recorded (which item, whether between another's pieces), every chat and embedding engine step
+(start, end, and what the batch looked like), and every chat request and embedding request as the event loop sees
+it (submitted, first/last result). The file is written when the server exits. `--summary` prints where the
+worker's time went per item, and, per burst of chat requests, how long the batch took to fill, the number of decode
+steps and their sizes, and, for embeddings, how long requests waited for the worker.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ RECORDS: list[dict[str, Any]] = []
 def install(path: str) -> None:
     from mlxpool.engines.chat import ChatEngine
     from mlxpool.engines.embedding import EmbeddingEngine
+    from mlxpool.worker import Job, Worker
 
     clock = time.perf_counter
     chat_step, generate = ChatEngine.step, ChatEngine.generate
@@ -75,6 +77,16 @@ def install(path: str) -> None:
         finally:
             record["end"] = clock()
 
+    worker_step = Worker._step
+
+    def traced_worker_step(self: Worker, item: Any) -> None:
+        start, between, hands_over = clock(), self._between, self.hands_over
+        worker_step(self, item)
+        name = type(item).__name__ if not isinstance(item, Job) else f"Job:{item.task.__qualname__}"
+        RECORDS.append({"e": "item_step", "item": name, "t0": start, "t1": clock(), "between": between,
+                        "hands_over": hands_over and not between})  # fmt: skip
+
+    Worker._step = traced_worker_step  # type: ignore[method-assign]
     ChatEngine.step = traced_chat_step  # type: ignore[method-assign]
     ChatEngine.generate = traced_generate  # type: ignore[method-assign]
     EmbeddingEngine.step = traced_embedding_step  # type: ignore[method-assign]
@@ -143,7 +155,7 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
             bursts[-1].append(r)
         else:
             bursts.append([r])
-    out: dict[str, Any] = {"bursts": []}
+    out: dict[str, Any] = {"worker_items": worker_items(records), "bursts": []}
     for burst in bursts:
         start, end = burst[0]["submit"], max(r["end"] for r in burst)
         inside = [s for s in steps if start <= s["t0"] <= end]
@@ -190,6 +202,26 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
     if chat_ms:
         out["chat_step_ms_batch_over_8"] = {"p50": round(_pct(chat_ms, 0.5), 2), "p99": round(_pct(chat_ms, 0.99), 2)}
     return out
+
+
+def worker_items(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the worker's time went: per item (engine class or job), its steps taken in turn and those taken
+    between another's pieces (`+between`); a chat step that handed over is counted apart (`+handing over`)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r["e"] != "item_step":
+            continue
+        key = r["item"] + (" +between" if r["between"] else " +handing over" if r["hands_over"] else "")
+        row = out.setdefault(key, {"steps": 0, "seconds": 0.0, "max_ms": 0.0})
+        ms = 1000 * (r["t1"] - r["t0"])
+        row["steps"] += 1
+        row["seconds"] += ms / 1000
+        row["max_ms"] = max(row["max_ms"], ms)
+    return {
+        k: {"steps": v["steps"], "seconds": round(v["seconds"], 2),
+            "mean_ms": round(1000 * v["seconds"] / v["steps"], 2), "max_ms": round(v["max_ms"], 1)}
+        for k, v in sorted(out.items())
+    }  # fmt: skip
 
 
 def slowest_embeddings(

@@ -1,4 +1,5 @@
-"""The step timeline's summary (bench/step_trace.py): what the slowest embeddings under a chat load waited for."""
+"""The step timeline's summary (bench/step_trace.py): where the worker's time went, and what the slowest embeddings
+under a chat load waited for."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from step_trace import slowest_embeddings
+from step_trace import slowest_embeddings, worker_items
 
 
 def chat_step(t0: float, t1: float, **changes: Any) -> dict[str, Any]:
@@ -52,3 +53,24 @@ def test_no_embeddings_under_load() -> None:
         "requests": 0, "of": 0, "total_ms_mean": None, "wait_ms_mean": None, "forward_ms_mean": None,
         "deliver_ms_mean": None, "arrived_during": {},
     }  # fmt: skip
+
+
+def item_step(item: str, t0: float, t1: float, between: bool = False, hands_over: bool = False) -> dict[str, Any]:
+    return {"e": "item_step", "item": item, "t0": t0, "t1": t1, "between": between, "hands_over": hands_over}
+
+
+def test_the_worker_time_is_split_by_item_and_by_where_it_stepped() -> None:
+    records = [
+        item_step("ChatEngine", 0.0, 0.010),
+        item_step("EmbeddingEngine", 0.002, 0.006, between=True),  # inside the chat step that handed over
+        item_step("ChatEngine", 0.010, 0.040, hands_over=True),
+        item_step("AsrEngine", 0.040, 0.340),
+        item_step("AsrEngine", 0.340, 0.540),
+        chat_step(0.0, 0.010),  # other records are left out
+    ]
+    assert worker_items(records) == {
+        "AsrEngine": {"steps": 2, "seconds": 0.5, "mean_ms": 250.0, "max_ms": 300.0},
+        "ChatEngine": {"steps": 1, "seconds": 0.01, "mean_ms": 10.0, "max_ms": 10.0},
+        "ChatEngine +handing over": {"steps": 1, "seconds": 0.03, "mean_ms": 30.0, "max_ms": 30.0},
+        "EmbeddingEngine +between": {"steps": 1, "seconds": 0.0, "mean_ms": 4.0, "max_ms": 4.0},
+    }
