@@ -82,7 +82,7 @@ def install(path: str) -> None:
     def traced_worker_step(self: Worker, item: Any) -> None:
         start, between, hands_over = clock(), self._between, self.hands_over
         worker_step(self, item)
-        name = type(item).__name__ if not isinstance(item, Job) else f"Job:{item.task.__qualname__}"
+        name = type(item).__name__ if not isinstance(item, Job) else f"Job:{getattr(item.task, '__qualname__', '?')}"
         RECORDS.append({"e": "item_step", "item": name, "t0": start, "t1": clock(), "between": between,
                         "hands_over": hands_over and not between})  # fmt: skip
 
