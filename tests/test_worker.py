@@ -201,9 +201,9 @@ class TimedPieces(PiecesEngine):
 
 @pytest.fixture
 def timed() -> Iterator[tuple[Worker, list[float]]]:
-    """A started worker on a fake clock that `TimedPieces` steps move on."""
+    """A started worker that waits in pieces, on a fake clock that `TimedPieces` steps move on."""
     now = [0.0]
-    worker = Worker(clock=lambda: now[0])
+    worker = Worker(waits_in_pieces=True, clock=lambda: now[0])
     worker.start()
     yield worker, now
     worker.stop()
@@ -348,6 +348,28 @@ async def test_an_item_hands_over_only_while_a_quicker_engine_keeps_it_company(
     now[0] += 2.0  # a while later, alone
     await step_alone(worker, long)
     assert seen == [False, True, False] and not worker.shared
+
+
+async def test_where_only_costly_steps_are_cut_every_engine_with_work_steps_between_pieces() -> None:
+    """Not waiting in pieces (a GPU): the lengths are not compared; a slower engine, even one not yet timed, steps
+    between the pieces too."""
+    now, order = [0.0], list[str]()
+    worker = Worker(clock=lambda: now[0])
+    slow = TimedPieces("slow", None, steps=order, now=now, cost=0.050)
+    long = TimedPieces("long", None, steps=order, worker=worker, now=now, cost=0.010)
+    worker.add_engine(slow)
+    worker.add_engine(long)
+    worker.start()
+    try:
+
+        def arrive() -> None:
+            slow.pending = 1
+
+        long.arrive = arrive
+        await step_alone(worker, long)
+        assert order == ["long0", "slow0", "slow1", "slow2", "slow", "long1", "long2", "long"]
+    finally:
+        worker.stop()
 
 
 def test_between_pieces_does_nothing_off_the_worker_thread() -> None:

@@ -143,18 +143,17 @@ class ServerSettings(BaseModel):
     `gil_switch_interval`: one interval throughout."""
     forward_pieces: int = Field(default=4, ge=1, le=64)
     """Pieces a text model's costly forward passes (admission pieces, the decode step after its batch changed) are
-    cut into while the worker hands over (other models have had work within the last second, and one of them takes
-    shorter steps than this model): between pieces, their waiting steps run, so an embedding waits for a piece rather
-    than the whole step (engines/pieces.py). 1: never cut. A model working alone, and steady decode steps, are never
-    cut (cutting every step cost up to half of a chat batch's tokens/s on
+    cut into while other models have had work within the last second: between pieces, their waiting steps run, so
+    an embedding waits for a piece rather than the whole step (engines/pieces.py). 1: never cut. A model working
+    alone, and steady decode steps, are never cut (cutting every step cost up to half of a chat batch's tokens/s on
     the measured H200: docs/benchmarks.md), unless `wait_in_pieces`."""
     wait_in_pieces: bool | Literal["auto"] = "auto"
-    """Whether text models cut every batch step into `forward_pieces` while the worker hands over (see
-    `forward_pieces`), and the worker waits for each step piece by piece, letting the others' waiting steps run
-    between pieces (engines/pieces.py). Where MLX computes on the CPU the worker otherwise waits out a whole step's
-    compute before an embedding can start: on the 2-core CPU box the embedding p99 under 64 chat streams is about 3x
-    its idle p99 without and about 2.3x with, for 0-10% of the chat tokens/s. On a GPU, waiting for every step costs
-    about half of the chat tokens/s. "auto" (default): on where MLX computes on the CPU, off on a GPU
+    """Whether text models cut every batch step into `forward_pieces` while other models have had work within the
+    last second, and the worker waits for each step piece by piece, letting the waiting steps of models with shorter
+    steps run between pieces (engines/pieces.py). Where MLX computes on the CPU the worker otherwise waits out a whole
+    step's compute before an embedding can start: on the 2-core CPU box the embedding p99 under 64 chat streams is
+    about 3x its idle p99 without and about 2.3x with, for 0-10% of the chat tokens/s. On a GPU, waiting for every
+    step costs about half of the chat tokens/s. "auto" (default): on where MLX computes on the CPU, off on a GPU
     (docs/benchmarks.md, sessions 15-16)."""
 
     _sizes = field_validator("memory_budget", "max_request_bytes", "max_image_bytes", "log_max_bytes")(_check_size)

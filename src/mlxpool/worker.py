@@ -4,9 +4,8 @@ Work arrives as steps. A `Job` is a generator run one `next()` per step (a model
 slices); an engine is a `Steppable` that does one bounded unit of its pending work per step (one embedding
 micro-batch). Each step goes to the runnable item served least recently, so work that arrives while another
 engine's step runs goes next, after that one step; nothing holds the worker for longer. A chat batch's costly steps
-go further: they hand over between pieces of their forward pass while models with shorter steps keep it company
-(`hands_over`, `between_pieces`, engines/pieces.py), so an embedding waits for a piece of such a step, not all of
-it.
+go further: they hand over between pieces of their forward pass while other models keep it company (`hands_over`,
+`between_pieces`, engines/pieces.py), so an embedding waits for a piece of such a step, not all of it.
 Results go back to the event loop with `call_soon_threadsafe`.
 """
 
@@ -130,7 +129,7 @@ class Worker:
         """Two or more items have had work lately (set before each step)."""
         self.hands_over = False
         """The item stepping now hands the worker over between the pieces of its step: the worker is shared and
-        another engine's steps are no longer than this item's (set before each step; engines/pieces.py)."""
+        another engine may step between them (`_may_step_between`; set before each step; engines/pieces.py)."""
         self._items: list[Job | Steppable] = []
         """Jobs and engines, least recently stepped first."""
         self._current: Job | Steppable | None = None
@@ -196,9 +195,8 @@ class Worker:
     def between_pieces(self) -> None:
         """Called by the item stepping now, between pieces of its step (worker only): every other engine with work
         takes a step here, on MLX's default stream, so it waits for a piece rather than the whole step. Jobs (model
-        loads) keep their turn between whole steps, and so do engines whose steps are longer than the current item's
-        (an ASR window beside a chat decode step): they would gain little, and stepping at every piece they would take
-        the worker from everyone else. A step taken here does not hand over again."""
+        loads) keep their turn between whole steps, and so, while the worker waits in pieces, do engines whose steps
+        are longer than the current item's (`_may_step_between`). A step taken here does not hand over again."""
         if self._current is None or self._between or threading.current_thread() is not self._thread:
             return
         self._between = True
@@ -211,22 +209,26 @@ class Worker:
             self._between = False
 
     def _waiting_engines(self) -> list[Steppable]:
-        """The engines other than the current item that have work and steps no longer than its last, least recently
-        stepped first (they move back)."""
+        """The engines that may step between the current item's pieces (`_may_step_between`) and have work, least
+        recently stepped first (they move back)."""
         with self._wake:
-            engines = [i for i in self._quicker_engines(self._current) if i.has_work()]
+            engines = [i for i in self._may_step_between(self._current) if i.has_work()]
             for engine in engines:
                 self._items.remove(engine)
                 self._items.append(engine)
         return engines
 
-    def _quicker_engines(self, item: Job | Steppable | None) -> list[Steppable]:
-        """The other engines whose steps are no longer than `item`'s; none while either is not yet timed."""
+    def _may_step_between(self, item: Job | Steppable | None) -> list[Steppable]:
+        """The other engines that may step between `item`'s pieces. Where only costly steps are cut, all of them: such
+        steps are rare, and an embedding's step is about as long as a chat decode step there (H200), so comparing
+        lengths would keep out the very engines the cut is for. Where the worker waits for every step in pieces, only
+        those whose steps are no longer than `item`'s (none while either is not yet timed): every step hands over,
+        and an engine with long steps (an ASR window beside a chat step) would step at every piece of every step."""
+        others = [i for i in self._items if i is not item and not isinstance(i, Job)]
+        if not self.waits_in_pieces:
+            return others
         longest = self._longest_step(item)
-        return [
-            i for i in self._items
-            if i is not item and not isinstance(i, Job) and self._longest_step(i) <= longest < math.inf
-        ]  # fmt: skip
+        return [i for i in others if self._longest_step(i) <= longest < math.inf]
 
     def _longest_step(self, item: Job | Steppable | None) -> float:
         """The longest of an engine's last few steps (an ASR job's short last step says nothing of its windows);
@@ -258,11 +260,8 @@ class Worker:
         self.baseline_memory = self.active_memory = mx.get_active_memory()
         while (item := self._next()) is not None:
             self._current = item
-            if self.shared:
-                with self._wake:
-                    self.hands_over = bool(self._quicker_engines(item))
-            else:
-                self.hands_over = False
+            with self._wake:
+                self.hands_over = self.shared and bool(self._may_step_between(item))
             try:
                 self._step(item)
             finally:

@@ -3,19 +3,21 @@
 On a GPU a decode step's cost is mostly MLX's host work when the step is evaluated (encoding kernels, cuBLASLt
 calls, CUDA graphs): 8-10 ms for a batch of 64, 30-45 ms after the batch changed. An embedding that arrives during
 it waits for all of it. While the worker hands over (`Worker.hands_over`: other models have had work lately, and one
-of them takes shorter steps than this model), the modules that end a piece launch what the step has built so far
+of them may step between this one's pieces), the modules that end a piece launch what the step has built so far
 (`mx.async_eval`) and let the worker step the other engines that have work (`Worker.between_pieces`) before the
 next piece is built. The results are the same: only where evaluation starts moves. Each cut costs the model
 throughput (on an H200, up to half of a chat batch's tokens/s when every decode step was cut), so only the passes
 that the engine calls costly are cut: for a chat batch, the admission pieces and the decode step after the batch
-changed (engines/batching.py). A model working alone, or beside only slower ones, is not cut.
+changed (engines/batching.py). A model working alone is not cut.
 
 On MLX's CPU backend a step's wall time is the CPU stream's compute, and the worker waits it out whole (mlx-lm's
 generator evaluates a step's tokens while the next step computes). With `wait_in_pieces` (`Worker.waits_in_pieces`;
 on by default where MLX computes on the CPU) every batch step is cut while the worker hands over, and before the
 next step the engine waits for the last one piece by piece (`Cut.wait`), letting waiting engines step after each
-piece: an embedding that arrives waits for a piece of compute, not a step. A piece ends after a layer's attention
-or after a layer, so even a 2-layer model is cut in 4.
+piece: an embedding that arrives waits for a piece of compute, not a step. There only engines whose steps are no
+longer than this model's step between its pieces, and a model beside only slower ones keeps its steps whole
+(`Worker._may_step_between`). A piece ends after a layer's attention or after a layer, so even a 2-layer model is cut
+in 4.
 """
 
 from __future__ import annotations
