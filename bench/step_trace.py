@@ -83,8 +83,9 @@ def install(path: str) -> None:
         start, between, hands_over = clock(), self._between, self.hands_over
         worker_step(self, item)
         name = type(item).__name__ if not isinstance(item, Job) else f"Job:{getattr(item.task, '__qualname__', '?')}"
+        cuts = hasattr(item, "cut")  # only text models cut their steps (engines/pieces.py)
         RECORDS.append({"e": "item_step", "item": name, "t0": start, "t1": clock(), "between": between,
-                        "hands_over": hands_over and not between})  # fmt: skip
+                        "hands_over": hands_over and cuts and not between})  # fmt: skip
 
     Worker._step = traced_worker_step  # type: ignore[method-assign]
     ChatEngine.step = traced_chat_step  # type: ignore[method-assign]
@@ -206,7 +207,7 @@ def summarize(path: Path, gap: float = 0.5) -> dict[str, Any]:
 
 def worker_items(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Where the worker's time went: per item (engine class or job), its steps taken in turn and those taken
-    between another's pieces (`+between`); a chat step that handed over is counted apart (`+handing over`)."""
+    between another's pieces (`+between`); a text model's step that handed over is counted apart (`+handing over`)."""
     out: dict[str, dict[str, float]] = {}
     for r in records:
         if r["e"] != "item_step":
