@@ -213,14 +213,13 @@ def worker_items(records: list[dict[str, Any]]) -> dict[str, Any]:
         if r["e"] != "item_step":
             continue
         key = r["item"] + (" +between" if r["between"] else " +handing over" if r["hands_over"] else "")
-        row = out.setdefault(key, {"steps": 0, "seconds": 0.0, "max_ms": 0.0})
-        ms = 1000 * (r["t1"] - r["t0"])
+        row = out.setdefault(key, {"steps": 0, "seconds": 0.0, "longest": 0.0})
         row["steps"] += 1
-        row["seconds"] += ms / 1000
-        row["max_ms"] = max(row["max_ms"], ms)
+        row["seconds"] += r["t1"] - r["t0"]
+        row["longest"] = max(row["longest"], r["t1"] - r["t0"])
     return {
         k: {"steps": v["steps"], "seconds": round(v["seconds"], 2),
-            "mean_ms": round(1000 * v["seconds"] / v["steps"], 2), "max_ms": round(v["max_ms"], 1)}
+            "mean_ms": round(1000 * v["seconds"] / v["steps"], 2), "max_ms": round(1000 * v["longest"], 1)}
         for k, v in sorted(out.items())
     }  # fmt: skip
 

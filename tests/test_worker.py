@@ -372,6 +372,31 @@ async def test_where_only_costly_steps_are_cut_every_engine_with_work_steps_betw
         worker.stop()
 
 
+async def test_without_waiting_in_pieces_a_step_hands_over_while_another_engine_is_loaded() -> None:
+    """Beside a load alone (a job, which never steps between pieces) a costly step is not cut; beside another
+    engine it is, whatever that engine's step length."""
+    seen: list[bool] = []
+    worker = Worker()
+    long = TimedPieces("long", None, worker=worker)
+    long.arrive = lambda: seen.append(worker.hands_over)
+    worker.add_engine(long)
+    worker.start()
+    try:
+
+        def load() -> Task[None]:
+            while not seen:  # until long has taken a step beside it
+                long.pending = 1
+                yield
+
+        await worker.run(load())
+        assert worker.shared and seen == [False]
+        worker.add_engine(TimedPieces("slow", None))
+        await step_alone(worker, long)
+        assert seen == [False, True]
+    finally:
+        worker.stop()
+
+
 def test_between_pieces_does_nothing_off_the_worker_thread() -> None:
     worker = Worker()
     quick = FakeEngine("quick", None, pending=1)
